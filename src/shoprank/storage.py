@@ -1,0 +1,274 @@
+"""The only module that talks to S3.
+
+Layout (one bucket, prefixes; see the README "Data layout" section)::
+
+    raw/<dataset>/dt=YYYY-MM-DD/part-*.parquet         what producers drop
+    validated/<dataset>/dt=YYYY-MM-DD/part-*.parquet   batches that passed validation
+    quarantine/<dataset>/dt=YYYY-MM-DD/<run_id>/        failed batch + its report
+    reports/data-docs/                                  Great Expectations Data Docs
+    datasets/<snapshot>/{train,val,test}.parquet        training snapshots + manifest
+    checkpoints/<run>/                                  Lightning checkpoints
+    mlflow-artifacts/                                   MLflow proxied artifacts
+
+Writes are atomic per object: data goes to a temporary key under ``_tmp/`` first, then is
+copied server-side to its final key, so a reader never sees a half-written object under a
+real prefix.  A partition is complete when its ``_SUCCESS`` marker exists.  Transient
+errors are retried with exponential backoff by botocore's ``standard`` retry mode.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import boto3
+import pandas as pd
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from shoprank.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("catalog", "judgments", "feedback", "queries", "users")
+SUCCESS_MARKER = "_SUCCESS"
+TMP_PREFIX = "_tmp/"
+
+
+class StorageError(RuntimeError):
+    """S3 is unreachable, refused the credentials, or an object is missing."""
+
+
+def _date_str(day: dt.date | str) -> str:
+    if isinstance(day, str):
+        try:
+            day = dt.date.fromisoformat(day)
+        except ValueError:
+            raise StorageError(f"date {day!r} is not in YYYY-MM-DD form") from None
+    return day.isoformat()
+
+
+def partition_prefix(zone: str, dataset: str, day: dt.date | str) -> str:
+    """``raw/feedback/dt=2026-11-22/`` and friends."""
+    if zone not in ("raw", "validated"):
+        raise ValueError(f"unknown zone {zone!r}")
+    return f"{zone}/{dataset}/dt={_date_str(day)}/"
+
+
+def quarantine_prefix(dataset: str, day: dt.date | str, run_id: str) -> str:
+    safe_run = run_id.replace("/", "_").replace(":", "_").replace("+", "_")
+    return f"quarantine/{dataset}/dt={_date_str(day)}/{safe_run}/"
+
+
+def dataset_prefix(snapshot: str) -> str:
+    return f"datasets/{snapshot}/"
+
+
+def checkpoint_prefix(run: str) -> str:
+    return f"checkpoints/{run.replace('/', '_')}/"
+
+
+def _client(settings: Settings):
+    key, secret = settings.require_s3_credentials()
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name=settings.aws_region,
+        config=Config(
+            retries={"max_attempts": 5, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+        ),
+    )
+
+
+def _explain(exc: Exception, settings: Settings, what: str) -> StorageError:
+    where = settings.s3_endpoint_url or "AWS S3"
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(
+            f"cannot reach S3 at {where} while trying to {what}: is the server running? "
+            "(`shoprank stack up` starts the embedded one; otherwise check SHOPRANK_S3_ENDPOINT_URL)"
+        )
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+            return StorageError(
+                f"S3 at {where} refused the credentials ({code}) while trying to {what}: "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            )
+        if code in ("NoSuchBucket",):
+            return StorageError(
+                f"bucket {settings.bucket!r} does not exist at {where}: create it or set SHOPRANK_BUCKET"
+            )
+        if code in ("NoSuchKey", "404"):
+            return StorageError(f"not found in s3://{settings.bucket}: {what}")
+        return StorageError(f"S3 error {code} at {where} while trying to {what}: {exc}")
+    return StorageError(f"S3 failure at {where} while trying to {what}: {exc}")
+
+
+@dataclass
+class Storage:
+    """Thin, typed wrapper around one bucket."""
+
+    settings: Settings
+
+    def __post_init__(self) -> None:
+        self._s3 = _client(self.settings)
+        self.bucket = self.settings.bucket
+
+    @classmethod
+    def from_env(cls) -> "Storage":
+        return cls(get_settings())
+
+    # ---- basics -------------------------------------------------------------------------
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def ensure_bucket(self) -> None:
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code not in ("404", "NoSuchBucket", "NotFound"):
+                raise _explain(exc, self.settings, f"check bucket {self.bucket}") from exc
+        except EndpointConnectionError as exc:
+            raise _explain(exc, self.settings, f"check bucket {self.bucket}") from exc
+        try:
+            self._s3.create_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise _explain(exc, self.settings, f"create bucket {self.bucket}") from exc
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Atomic write: temp key, server-side copy, delete temp."""
+        tmp = f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self._s3.put_object(Bucket=self.bucket, Key=tmp, Body=data, ContentType=content_type)
+            self._s3.copy_object(
+                Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": tmp},
+                ContentType=content_type, MetadataDirective="REPLACE",
+            )
+        except (ClientError, EndpointConnectionError) as exc:
+            raise _explain(exc, self.settings, f"write {key}") from exc
+        finally:
+            try:
+                self._s3.delete_object(Bucket=self.bucket, Key=tmp)
+            except (ClientError, EndpointConnectionError):
+                log.warning("could not delete temporary object %s", tmp)
+        return self.uri(key)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, EndpointConnectionError) as exc:
+            raise _explain(exc, self.settings, f"read {key}") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _explain(exc, self.settings, f"check {key}") from exc
+        except EndpointConnectionError as exc:
+            raise _explain(exc, self.settings, f"check {key}") from exc
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        try:
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        except (ClientError, EndpointConnectionError) as exc:
+            raise _explain(exc, self.settings, f"list {prefix}") from exc
+        return sorted(keys)
+
+    def list_partitions(self, zone: str, dataset: str) -> list[str]:
+        """Dates (YYYY-MM-DD) of complete partitions of a dataset, oldest first."""
+        prefix = f"{zone}/{dataset}/dt="
+        days = set()
+        for key in self.list_keys(prefix):
+            if key.endswith("/" + SUCCESS_MARKER):
+                days.add(key[len(prefix) :].split("/", 1)[0])
+        return sorted(days)
+
+    def copy(self, src_key: str, dst_key: str) -> None:
+        try:
+            self._s3.copy_object(Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key})
+        except (ClientError, EndpointConnectionError) as exc:
+            raise _explain(exc, self.settings, f"copy {src_key} to {dst_key}") from exc
+
+    def copy_prefix(self, src_prefix: str, dst_prefix: str) -> list[str]:
+        copied = []
+        for key in self.list_keys(src_prefix):
+            dst = dst_prefix + key[len(src_prefix) :]
+            self.copy(key, dst)
+            copied.append(dst)
+        return copied
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list_keys(prefix)
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            try:
+                self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk]})
+            except (ClientError, EndpointConnectionError) as exc:
+                raise _explain(exc, self.settings, f"delete {prefix}") from exc
+        return len(keys)
+
+    def upload_file(self, path: str, key: str) -> str:
+        with open(path, "rb") as fh:
+            return self.put_bytes(key, fh.read())
+
+    def download_file(self, key: str, path: str) -> None:
+        with open(path, "wb") as fh:
+            fh.write(self.get_bytes(key))
+
+    # ---- parquet ----------------------------------------------------------------------
+    def write_parquet(self, df: pd.DataFrame, key: str) -> str:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return self.put_bytes(key, buf.getvalue())
+
+    def read_parquet(self, key: str) -> pd.DataFrame:
+        return pd.read_parquet(io.BytesIO(self.get_bytes(key)))
+
+    def write_partition(self, df: pd.DataFrame, zone: str, dataset: str, day: dt.date | str,
+                        rows_per_file: int = 500_000) -> list[str]:
+        """Replace a partition: delete old parts, write new parts, then the _SUCCESS marker."""
+        prefix = partition_prefix(zone, dataset, day)
+        self.delete_prefix(prefix)
+        keys = []
+        n_files = max(1, -(-len(df) // rows_per_file))
+        for i in range(n_files):
+            part = df.iloc[i * rows_per_file : (i + 1) * rows_per_file]
+            key = f"{prefix}part-{i:05d}.parquet"
+            self.write_parquet(part, key)
+            keys.append(key)
+        self.put_bytes(prefix + SUCCESS_MARKER, b"")
+        return keys
+
+    def partition_files(self, zone: str, dataset: str, day: dt.date | str) -> list[str]:
+        prefix = partition_prefix(zone, dataset, day)
+        return [k for k in self.list_keys(prefix) if not k.rsplit("/", 1)[-1].startswith("_")]
+
+    def read_partition(self, zone: str, dataset: str, day: dt.date | str) -> pd.DataFrame:
+        keys = [k for k in self.partition_files(zone, dataset, day) if k.endswith(".parquet")]
+        if not keys:
+            raise StorageError(f"no parquet files in s3://{self.bucket}/{partition_prefix(zone, dataset, day)}")
+        frames = [self.read_parquet(k) for k in keys]
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+    def iter_partitions(self, zone: str, dataset: str) -> Iterator[tuple[str, pd.DataFrame]]:
+        for day in self.list_partitions(zone, dataset):
+            yield day, self.read_partition(zone, dataset, day)
