@@ -45,6 +45,8 @@ def _parse_env_file(path: Path) -> dict[str, str]:
             raise ConfigError(f"{path}:{lineno}: expected KEY=VALUE, got {raw!r}")
         key, value = line.split("=", 1)
         value = value.strip()
+        if value[:1] not in ("'", '"') and " #" in value:
+            value = value.split(" #", 1)[0].rstrip()  # inline comment
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
         values[key.strip()] = value
@@ -171,6 +173,8 @@ def settings_table() -> list[tuple[str, str, str]]:
     rows = []
     for f in fields(Settings):
         default = getattr(defaults, f.name) if f.repr else ""
+        if f.name == "home":
+            default = "<repo>/.shoprank"
         rows.append((f.metadata["env"], "" if default is None else str(default), f.metadata["doc"]))
     return rows
 

@@ -1,0 +1,136 @@
+"""A small client for Airflow 3's public REST API (``/api/v2``), used by the demo and tests.
+
+Auth: ``POST /auth/token`` with the simple auth manager's user/password returns a JWT.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+TERMINAL_RUN_STATES = {"success", "failed"}
+
+
+class AirflowAPIError(RuntimeError):
+    def __init__(self, status: int, method: str, path: str, body: str):
+        super().__init__(f"Airflow API {method} {path} -> HTTP {status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class AirflowClient:
+    base_url: str
+    username: str
+    password: str
+    timeout: float = 30.0
+    _token: str | None = field(default=None, repr=False)
+
+    def _request(self, method: str, path: str, body: Any = None, auth: bool = True) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {self.token()}"
+        req = urllib.request.Request(self.base_url.rstrip("/") + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401 and auth and self._token is not None:
+                self._token = None  # expired: fetch a new one once
+                return self._request(method, path, body, auth)
+            raise AirflowAPIError(exc.code, method, path, exc.read().decode(errors="replace")) from None
+        return json.loads(raw) if raw else None
+
+    def token(self) -> str:
+        if self._token is None:
+            out = self._request("POST", "/auth/token", {"username": self.username, "password": self.password},
+                                auth=False)
+            self._token = out["access_token"]
+        return self._token
+
+    # dags & runs
+    def health(self) -> dict:
+        return self._request("GET", "/api/v2/monitor/health", auth=False)
+
+    def dag(self, dag_id: str) -> dict:
+        return self._request("GET", f"/api/v2/dags/{dag_id}")
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120.0) -> dict:
+        """Wait until the dag-processor has parsed ``dag_id`` (fresh stacks need a moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.dag(dag_id)
+            except AirflowAPIError as exc:
+                if exc.status != 404 or time.monotonic() > deadline:
+                    errors = self._request("GET", "/api/v2/importErrors")
+                    raise AirflowAPIError(exc.status, "GET", f"/api/v2/dags/{dag_id}",
+                                          f"DAG not available; import errors: {errors}") from None
+            time.sleep(1.0)
+
+    def unpause(self, dag_id: str) -> None:
+        self._request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict | None = None, logical_date: str | None = None,
+                run_id: str | None = None) -> dict:
+        body: dict[str, Any] = {"logical_date": logical_date, "conf": conf or {}}
+        if run_id:
+            body["dag_run_id"] = run_id
+        return self._request("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)
+
+    def run(self, dag_id: str, run_id: str) -> dict:
+        return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        out = self._request(
+            "GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")
+        return out["task_instances"]
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        return {ti["task_id"]: ti["state"] for ti in self.task_instances(dag_id, run_id)}
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600.0,
+                     until: Callable[[dict], bool] | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict:
+        """Poll a run until it is finished (or ``until(run)`` holds); print task progress."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            run = self.run(dag_id, run_id)
+            if progress:
+                states = self.task_states(dag_id, run_id)
+                summary = ", ".join(f"{t}={s}" for t, s in states.items() if s)
+                if summary != last:
+                    progress(f"  [{dag_id}] {run['state']}: {summary}")
+                    last = summary
+            if (until and until(run)) or run["state"] in TERMINAL_RUN_STATES:
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{dag_id} run {run_id} still {run['state']} after {timeout:.0f}s")
+            time.sleep(2.0)
+
+    # human in the loop
+    def hitl_details(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict:
+        return self._request(
+            "GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+                   f"/taskInstances/{task_id}/{map_index}/hitlDetails")
+
+    def answer(self, dag_id: str, run_id: str, task_id: str, option: str, params_input: dict | None = None,
+               map_index: int = -1) -> dict:
+        return self._request(
+            "PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+                     f"/taskInstances/{task_id}/{map_index}/hitlDetails",
+            {"chosen_options": [option], "params_input": params_input or {}})
+
+
+def client_for(settings) -> AirflowClient:
+    """A client for the embedded stack, with the generated admin password."""
+    from shoprank.stack import secret
+
+    return AirflowClient(settings.airflow_url, "admin", secret(settings, "SHOPRANK_AIRFLOW_ADMIN_PASSWORD"))
