@@ -1,0 +1,181 @@
+"""MLflow model registry: register, aliases, tags, promotion, rejection, rollback, audit.
+
+No stages (deprecated in MLflow): a version's role is given by aliases
+
+* ``challenger``: the newest registered candidate;
+* ``champion``: the model serving traffic;
+* ``previous``: the champion before the last promotion (rollback target by default).
+
+Every alias move is audited twice, so "who promoted what, when, with which metrics" is
+answerable from MLflow or S3 alone, without the Airflow database:
+
+* one JSON object per move under ``audit/registry/<model>/`` in S3 (append-only: a new
+  object per record, never rewritten), and
+* a registered-model tag ``audit.<UTC timestamp>`` on the MLflow registered model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from shoprank.config import Settings
+from shoprank.storage import Storage
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+
+
+class RegistryError(RuntimeError):
+    """Unknown version or alias, or a move the rules forbid."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)[:4900]
+    return str(value)[:4900]
+
+
+@dataclass
+class Registry:
+    settings: Settings
+    storage: Storage | None = None
+
+    def __post_init__(self) -> None:
+        self.client = MlflowClient(tracking_uri=self.settings.mlflow_tracking_uri,
+                                   registry_uri=self.settings.mlflow_tracking_uri)
+        self.name = self.settings.registered_model
+
+    # ---- lookup ---------------------------------------------------------------------------
+    def version_by_alias(self, alias: str):
+        try:
+            return self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException:
+            return None
+
+    def version(self, version: str | int):
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException:
+            known = self.known_versions()
+            raise RegistryError(
+                f"model {self.name!r} has no version {version!r}; known versions: {known or 'none'}"
+            ) from None
+
+    def known_versions(self) -> list[str]:
+        try:
+            found = self.client.search_model_versions(f"name='{self.name}'")
+        except MlflowException:
+            return []
+        return sorted((v.version for v in found), key=int)
+
+    def resolve(self, ref: str | int) -> str:
+        """A version number or an alias (``previous``, ``champion``...) -> version number."""
+        ref = str(ref)
+        if ref.isdigit():
+            return self.version(ref).version
+        mv = self.version_by_alias(ref)
+        if mv is None:
+            raise RegistryError(f"model {self.name!r} has no alias {ref!r}; known versions: "
+                                f"{self.known_versions() or 'none'}")
+        return mv.version
+
+    # ---- registration -----------------------------------------------------------------------
+    def register(self, model_uri: str, run_id: str, tags: dict[str, Any], description: str = "") -> str:
+        """Create a version from a logged model, tag it and point ``challenger`` at it."""
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self.client.create_registered_model(
+                self.name, description="shoprank cross-encoder ranker. Aliases: champion (serving), "
+                                       "challenger (newest candidate), previous (rollback target).")
+        model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
+        mv = self.client.create_model_version(self.name, model_uri, run_id=run_id, description=description,
+                                              model_id=model_id)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, mv.version, key, _tag_value(value))
+        self._move(CHALLENGER, mv.version, actor="pipeline", reason="registered", extra={"run_id": run_id})
+        return mv.version
+
+    def set_tags(self, version: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, str(version), key, _tag_value(value))
+
+    def tags(self, version: str) -> dict[str, str]:
+        return dict(self.version(version).tags)
+
+    # ---- promotion ------------------------------------------------------------------------------
+    def promote(self, version: str, actor: str, reason: str = "", airflow_run: str | None = None,
+                metrics: dict[str, Any] | None = None) -> dict:
+        """``champion`` -> version; old champion -> ``previous``; tags + audit record."""
+        version = self.version(version).version
+        old = self.version_by_alias(CHAMPION)
+        if old is not None and old.version == version:
+            raise RegistryError(f"version {version} is already the champion")
+        if old is not None:
+            self._move(PREVIOUS, old.version, actor, f"replaced by version {version}", airflow_run)
+        record = self._move(CHAMPION, version, actor, reason or "approved", airflow_run, metrics,
+                            extra={"previous_champion": old.version if old else None})
+        self.set_tags(version, {"promoted_by": actor, "promoted_at": record["ts"],
+                                "promoted_from_airflow_run": airflow_run or "", "promotion_reason": reason})
+        return record
+
+    def reject(self, version: str, actor: str, reason: str, airflow_run: str | None = None) -> dict:
+        """Record a rejection; ``challenger`` stays on the version so it can be inspected."""
+        version = self.version(version).version
+        self.set_tags(version, {"rejected_by": actor, "rejected_at": _now(), "rejection_reason": reason,
+                                "rejected_in_airflow_run": airflow_run or ""})
+        return self._audit("reject", CHALLENGER, version, actor, reason, airflow_run)
+
+    def rollback(self, target: str = PREVIOUS, actor: str = "unknown", reason: str = "rollback",
+                 airflow_run: str | None = None) -> dict:
+        """Move ``champion`` back to ``target`` (a version number or an alias)."""
+        version = self.resolve(target)
+        current = self.version_by_alias(CHAMPION)
+        if current is not None and current.version == version:
+            raise RegistryError(f"version {version} is already the champion; nothing to roll back")
+        if current is not None:
+            self._move(PREVIOUS, current.version, actor, f"rolled back to version {version}", airflow_run)
+        return self._move(CHAMPION, version, actor, reason, airflow_run,
+                          extra={"rolled_back_from": current.version if current else None}, action="rollback")
+
+    # ---- audit ------------------------------------------------------------------------------
+    def _move(self, alias: str, version: str, actor: str, reason: str, airflow_run: str | None = None,
+              metrics: dict | None = None, extra: dict | None = None, action: str = "set_alias") -> dict:
+        self.client.set_registered_model_alias(self.name, alias, str(version))
+        log.info("alias %s of %s -> version %s (%s, by %s)", alias, self.name, version, reason, actor)
+        return self._audit(action, alias, str(version), actor, reason, airflow_run, metrics, extra)
+
+    def _audit(self, action: str, alias: str, version: str, actor: str, reason: str, airflow_run: str | None,
+               metrics: dict | None = None, extra: dict | None = None) -> dict:
+        record = {"ts": _now(), "model": self.name, "action": action, "alias": alias, "version": version,
+                  "actor": actor, "reason": reason, "airflow_run": airflow_run, "metrics": metrics or {},
+                  **(extra or {})}
+        body = json.dumps(record, sort_keys=True)
+        if self.storage is not None:
+            key = f"audit/registry/{self.name}/{record['ts']}-{uuid.uuid4().hex[:8]}.json"
+            self.storage.put_bytes(key, body.encode(), "application/json")
+        self.client.set_registered_model_tag(self.name, f"audit.{record['ts']}", body[:4900])
+        return record
+
+    def audit_trail(self) -> list[dict]:
+        """All records, oldest first: from S3 when available, else from the MLflow tags."""
+        if self.storage is not None:
+            keys = self.storage.list_keys(f"audit/registry/{self.name}/")
+            return [json.loads(self.storage.get_bytes(k)) for k in keys]
+        tags = self.client.get_registered_model(self.name).tags
+        return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith("audit.")]
