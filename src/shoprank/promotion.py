@@ -1,0 +1,178 @@
+"""Promotion policy: the gate that decides whether a challenger may be shown to a person,
+the approval card that person reads, and the optional auto-promotion rule.
+
+Inputs are a model version's tags (written at registration from the evaluation report), so
+the decision is reproducible from MLflow alone.  Metric tag names (identical across runs):
+
+* ``ndcg_at_10``, ``mrr_at_10``, ``recall_at_<k>``: the challenger on the test split;
+* ``delta_ndcg_at_10_vs_<baseline>`` with ``..._lo`` / ``..._hi``: paired bootstrap 95% CI
+  of the per-query difference challenger - baseline (baselines: ``bm25``, ``champion``);
+* ``slice.<slice>.<value>.ndcg_at_10`` and ``slice.<...>.delta_ndcg_at_10_vs_champion``;
+* ``latency_ms_per_pair``: measured when the packaged MLflow model was loaded and scored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Configurable rules (env: SHOPRANK_GATE_*; see README)."""
+
+    must_beat_bm25: bool = True  # lower CI bound of delta vs BM25 must be > 0
+    max_regression_vs_champion: float = 0.01  # lower CI bound of delta vs champion >= -this
+    max_latency_ms_per_pair: float = 50.0  # packaged model, CPU, batch scoring
+    auto_promote: bool = False  # daily update: promote without a person when the rule below holds
+    auto_promote_min_gain: float = 0.0  # lower CI bound of delta vs champion must exceed this
+    auto_promote_max_slice_regression: float = 0.02  # no slice's delta vs champion below -this
+
+    @classmethod
+    def from_env(cls) -> "GatePolicy":
+        return cls(
+            must_beat_bm25=_env_bool("SHOPRANK_GATE_MUST_BEAT_BM25", True),
+            max_regression_vs_champion=_env_float("SHOPRANK_GATE_MAX_REGRESSION", 0.01),
+            max_latency_ms_per_pair=_env_float("SHOPRANK_GATE_MAX_LATENCY_MS", 50.0),
+            auto_promote=_env_bool("SHOPRANK_AUTO_PROMOTE", False),
+            auto_promote_min_gain=_env_float("SHOPRANK_AUTO_PROMOTE_MIN_GAIN", 0.0),
+            auto_promote_max_slice_regression=_env_float("SHOPRANK_AUTO_PROMOTE_MAX_SLICE_REGRESSION", 0.02),
+        )
+
+
+@dataclass
+class GateDecision:
+    eligible: bool
+    reasons: list[str] = field(default_factory=list)  # why not eligible
+    checks: dict[str, str] = field(default_factory=dict)  # check -> "pass: ..." / "fail: ..."
+    auto_promote: bool = False
+
+    def as_tags(self) -> dict[str, str]:
+        tags = {"gate_eligible": str(self.eligible).lower(), "gate_auto_promote": str(self.auto_promote).lower()}
+        tags["gate_reasons"] = "; ".join(self.reasons) if self.reasons else "all checks passed"
+        for name, outcome in self.checks.items():
+            tags[f"gate.{name}"] = outcome
+        return tags
+
+
+def _f(tags: Mapping[str, str], key: str) -> float | None:
+    value = tags.get(key)
+    if value in (None, "", "nan", "None"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def evaluate_gate(tags: Mapping[str, str], policy: GatePolicy) -> GateDecision:
+    d = GateDecision(eligible=True)
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        d.checks[name] = ("pass: " if ok else "fail: ") + detail
+        if not ok:
+            d.eligible = False
+            d.reasons.append(f"{name}: {detail}")
+
+    if tags.get("validation_status", "passed") != "passed":
+        check("data_validation", False, f"training data validation status is {tags.get('validation_status')!r}")
+
+    lo = _f(tags, "delta_ndcg_at_10_vs_bm25_lo")
+    if policy.must_beat_bm25:
+        if lo is None:
+            check("beats_bm25", False, "no BM25 comparison in the evaluation")
+        else:
+            check("beats_bm25", lo > 0, f"NDCG@10 delta vs BM25 95% CI lower bound {lo:+.4f} (needs > 0)")
+
+    champ_lo = _f(tags, "delta_ndcg_at_10_vs_champion_lo")
+    if champ_lo is None:
+        d.checks["no_regression_vs_champion"] = "pass: no champion yet"
+    else:
+        tol = policy.max_regression_vs_champion
+        check("no_regression_vs_champion", champ_lo >= -tol,
+              f"NDCG@10 delta vs champion 95% CI lower bound {champ_lo:+.4f} (needs >= {-tol:+.4f})")
+
+    latency = _f(tags, "latency_ms_per_pair")
+    if latency is None:
+        check("packaged_model_latency", False, "the packaged MLflow model was not load-tested")
+    else:
+        check("packaged_model_latency", latency <= policy.max_latency_ms_per_pair,
+              f"{latency:.2f} ms per pair (budget {policy.max_latency_ms_per_pair:.2f})")
+
+    if d.eligible and policy.auto_promote and champ_lo is not None:
+        worst_slice = min((float(v) for k, v in tags.items()
+                           if k.startswith("slice.") and k.endswith(".delta_ndcg_at_10_vs_champion")
+                           and _f(tags, k) is not None), default=0.0)
+        d.auto_promote = (champ_lo > policy.auto_promote_min_gain
+                          and worst_slice >= -policy.auto_promote_max_slice_regression)
+        d.checks["auto_promote"] = (
+            f"{'yes' if d.auto_promote else 'no'}: CI lower bound vs champion {champ_lo:+.4f} "
+            f"(needs > {policy.auto_promote_min_gain:+.4f}), worst slice delta {worst_slice:+.4f} "
+            f"(needs >= {-policy.auto_promote_max_slice_regression:+.4f})")
+    return d
+
+
+def _fmt(tags: Mapping[str, str], key: str) -> str:
+    v = _f(tags, key)
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _ci(tags: Mapping[str, str], key: str) -> str:
+    v, lo, hi = _f(tags, key), _f(tags, key + "_lo"), _f(tags, key + "_hi")
+    if v is None:
+        return "n/a"
+    if lo is None or hi is None:
+        return f"{v:+.4f}"
+    return f"{v:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def approval_card(version: str, tags: Mapping[str, str], champion_version: str | None,
+                  links: Mapping[str, str]) -> str:
+    """Markdown body of the approval step (Airflow renders it in *Required Actions*)."""
+    lines = [
+        f"### Promote version {version} to `champion`?",
+        "",
+        f"Current champion: **{'version ' + champion_version if champion_version else 'none (first model)'}**  ",
+        f"Data snapshot: `{tags.get('data_snapshot', 'n/a')}`  ",
+        f"Training: base `{tags.get('param.base_model', 'n/a')}`, loss `{tags.get('param.loss', 'n/a')}`, "
+        f"epochs {tags.get('param.epochs', 'n/a')}, lr {tags.get('param.lr', 'n/a')}, "
+        f"max length {tags.get('param.max_length', 'n/a')}",
+        "",
+        "| metric (test split) | challenger | BM25 | champion |",
+        "|---|---|---|---|",
+    ]
+    for m in ("ndcg_at_10", "mrr_at_10", "recall_at_20"):
+        lines.append(f"| {m} | {_fmt(tags, m)} | {_fmt(tags, 'bm25.' + m)} | {_fmt(tags, 'champion.' + m)} |")
+    lines += [
+        "",
+        "Paired bootstrap 95% CI of the NDCG@10 difference (challenger - baseline):",
+        "",
+        f"- vs BM25: {_ci(tags, 'delta_ndcg_at_10_vs_bm25')}",
+        f"- vs champion: {_ci(tags, 'delta_ndcg_at_10_vs_champion')}",
+        "",
+    ]
+    slices = sorted({k.split(".")[1] + "." + k.split(".")[2] for k in tags
+                     if k.startswith("slice.") and k.endswith(".ndcg_at_10")})
+    if slices:
+        lines += ["| slice | NDCG@10 | delta vs champion [95% CI] |", "|---|---|---|"]
+        for s in slices:
+            lines.append(f"| {s} | {_fmt(tags, f'slice.{s}.ndcg_at_10')} | "
+                         f"{_ci(tags, f'slice.{s}.delta_ndcg_at_10_vs_champion')} |")
+        lines.append("")
+    lines.append("Gate: " + tags.get("gate_reasons", "n/a"))
+    if links:
+        lines += ["", " · ".join(f"[{name}]({url})" for name, url in links.items())]
+    return "\n".join(lines)
