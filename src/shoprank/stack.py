@@ -113,7 +113,7 @@ STACK_SECRETS = (
     "SHOPRANK_AIRFLOW_ADMIN_PASSWORD",
     "SHOPRANK_AIRFLOW_JWT_SECRET",
     "SHOPRANK_AIRFLOW_FERNET_KEY",
-    "SHOPRANK_PSEUDONYM_KEY",
+    "SHOPRANK_USER_HASH_KEY",
 )
 
 
@@ -140,7 +140,7 @@ def ensure_stack_env(settings: Settings) -> dict[str, str]:
         "SHOPRANK_AIRFLOW_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(12),
         "SHOPRANK_AIRFLOW_JWT_SECRET": lambda: secrets.token_urlsafe(32),
         "SHOPRANK_AIRFLOW_FERNET_KEY": _fernet_key,
-        "SHOPRANK_PSEUDONYM_KEY": lambda: secrets.token_urlsafe(32),
+        "SHOPRANK_USER_HASH_KEY": lambda: secrets.token_urlsafe(32),
     }
     changed = False
     for key in STACK_SECRETS:
