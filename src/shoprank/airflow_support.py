@@ -51,3 +51,95 @@ def subprocess_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(settings.as_env())
     return env
+
+
+def lineage_from_context(context: dict) -> "Lineage":
+    from shoprank.workflow import Lineage
+
+    ti = context["ti"]
+    logical = context.get("logical_date")
+    return Lineage(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=int(ti.try_number or 1),
+                   logical_date=logical.isoformat() if logical else None)
+
+
+def approvers() -> list[dict[str, str]] | None:
+    """Users allowed to answer the approval (SHOPRANK_APPROVERS="alice,bob"); None = any user."""
+    import os
+
+    names = [n.strip() for n in os.environ.get("SHOPRANK_APPROVERS", "").split(",") if n.strip()]
+    return [{"id": n, "name": n} for n in names] or None
+
+
+def approval_timeout():
+    """How long the approval waits (SHOPRANK_APPROVAL_TIMEOUT_HOURS, default 24); then: Reject."""
+    import datetime as dt
+    import os
+
+    return dt.timedelta(hours=float(os.environ.get("SHOPRANK_APPROVAL_TIMEOUT_HOURS", "24")))
+
+
+def promotion_tasks(registered, auto_promote_allowed: bool = False):
+    """gate -> approve (Airflow HITL) -> promote, then record_decision (runs in every case).
+
+    ``registered`` is the XComArg of the register task (dict with ``version``).  Returns the
+    last task so callers can chain more work after the decision.
+    """
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+    from airflow.sdk import Param, task
+
+    @task.branch
+    def gate(reg: dict, **context) -> list[str]:
+        """Eligible -> ask a person (or auto-promote when the policy allows); else end here."""
+        from shoprank.workflow import gate_version
+
+        decision = gate_version(task_settings(), reg["version"], auto_promote_allowed=auto_promote_allowed)
+        context["ti"].xcom_push(key="decision", value=decision)
+        print(decision["card"])
+        if not decision["eligible"]:
+            print("not eligible, nobody is asked: " + "; ".join(decision["reasons"]))
+            return []
+        return ["auto_promote"] if decision["auto_promote"] else ["approve"]
+
+    @task
+    def auto_promote(reg: dict, **context) -> dict:
+        from shoprank.workflow import apply_auto_promotion
+
+        decision = context["ti"].xcom_pull(task_ids="gate", key="decision") or {}
+        return apply_auto_promotion(task_settings(), task_storage(), reg["version"], decision,
+                                    airflow_run=context["ti"].run_id)
+
+    approve = ApprovalOperator(
+        task_id="approve",
+        subject="Promote shoprank model version {{ ti.xcom_pull(task_ids='register')['version'] }} to champion?",
+        body="{{ ti.xcom_pull(task_ids='gate', key='decision')['card'] }}",
+        defaults="Reject",
+        response_timeout=approval_timeout(),
+        assigned_users=approvers(),
+        params={"comment": Param("", type="string", description="Why (recorded in the audit trail)")},
+    )
+
+    @task
+    def promote(reg: dict, **context) -> dict:
+        from shoprank.workflow import apply_approval
+
+        answer = context["ti"].xcom_pull(task_ids="approve") or {}
+        return apply_approval(task_settings(), task_storage(), reg["version"], answer,
+                              airflow_run=context["ti"].run_id)
+
+    @task(trigger_rule="none_failed")
+    def record_decision(reg: dict, **context) -> dict:
+        from shoprank.workflow import record_rejection
+
+        ti = context["ti"]
+        answer = ti.xcom_pull(task_ids="approve")
+        decision = ti.xcom_pull(task_ids="gate", key="decision") or {}
+        return record_rejection(task_settings(), task_storage(), reg["version"], answer, decision,
+                                airflow_run=ti.run_id)
+
+    g = gate(registered)
+    a = auto_promote(registered)
+    p = promote(registered)
+    r = record_decision(registered)
+    g >> approve >> p >> r
+    g >> a >> r
+    return r

@@ -101,7 +101,7 @@ def build_splits(catalog: pd.DataFrame, judgments: pd.DataFrame, queries: pd.Dat
         qcat = pd.Series(dtype="string")
     known["query_freq_bucket"] = buckets.reindex(known["query"]).fillna("tail").values
     # the query's category, else the category of its best-graded product
-    best_cat = (known.sort_values("grade", ascending=False).drop_duplicates("query")
+    best_cat = (known.sort_values(["grade", "product_id"], ascending=[False, True], kind="stable").drop_duplicates("query")
                 .set_index("query")["product_id"].map(products["category"]))
     cat = qcat.reindex(known["query"]).astype("object")
     cat = cat.where(cat.notna(), best_cat.reindex(known["query"]).values)
