@@ -4,10 +4,12 @@ the approval card that person reads, and the optional auto-promotion rule.
 Inputs are a model version's tags (written at registration from the evaluation report), so
 the decision is reproducible from MLflow alone.  Metric tag names (identical across runs):
 
-* ``ndcg_at_10``, ``mrr_at_10``, ``recall_at_<k>``: the challenger on the test split;
+* ``ndcg_at_10``, ``mrr_at_10``, ``recall_at_<k>``: the challenger on the test split, and
+  ``bm25_<metric>`` / ``champion_<metric>`` for the baselines on the same candidates;
 * ``delta_ndcg_at_10_vs_<baseline>`` with ``..._lo`` / ``..._hi``: paired bootstrap 95% CI
   of the per-query difference challenger - baseline (baselines: ``bm25``, ``champion``);
-* ``slice.<slice>.<value>.ndcg_at_10`` and ``slice.<...>.delta_ndcg_at_10_vs_champion``;
+* ``delta_ndcg_at_10_vs_<baseline>_<slice>`` (+ ``_lo``/``_hi``) and ``<slice>_ndcg_at_10``
+  per slice, e.g. ``<slice>`` = ``query_freq_bucket_tail`` (see shoprank.evaluation.report);
 * ``latency_ms_per_pair``: measured when the packaged MLflow model was loaded and scored.
 """
 
@@ -113,9 +115,8 @@ def evaluate_gate(tags: Mapping[str, str], policy: GatePolicy) -> GateDecision:
               f"{latency:.2f} ms per pair (budget {policy.max_latency_ms_per_pair:.2f})")
 
     if d.eligible and policy.auto_promote and champ_lo is not None:
-        worst_slice = min((float(v) for k, v in tags.items()
-                           if k.startswith("slice.") and k.endswith(".delta_ndcg_at_10_vs_champion")
-                           and _f(tags, k) is not None), default=0.0)
+        deltas = [_f(tags, f"delta_ndcg_at_10_vs_champion_{s}") for s in slice_names(tags, "champion")]
+        worst_slice = min((v for v in deltas if v is not None), default=0.0)
         d.auto_promote = (champ_lo > policy.auto_promote_min_gain
                           and worst_slice >= -policy.auto_promote_max_slice_regression)
         d.checks["auto_promote"] = (
@@ -123,6 +124,13 @@ def evaluate_gate(tags: Mapping[str, str], policy: GatePolicy) -> GateDecision:
             f"(needs > {policy.auto_promote_min_gain:+.4f}), worst slice delta {worst_slice:+.4f} "
             f"(needs >= {-policy.auto_promote_max_slice_regression:+.4f})")
     return d
+
+
+def slice_names(tags: Mapping[str, str], baseline: str) -> list[str]:
+    """Slices with a delta vs ``baseline`` in the tags, e.g. ``query_freq_bucket_tail``."""
+    prefix = f"delta_ndcg_at_10_vs_{baseline}_"
+    names = {k[len(prefix):] for k in tags if k.startswith(prefix)}
+    return sorted(n for n in names if n not in ("lo", "hi") and not n.endswith(("_lo", "_hi")))
 
 
 def _fmt(tags: Mapping[str, str], key: str) -> str:
@@ -155,7 +163,7 @@ def approval_card(version: str, tags: Mapping[str, str], champion_version: str |
         "|---|---|---|---|",
     ]
     for m in ("ndcg_at_10", "mrr_at_10", "recall_at_20"):
-        lines.append(f"| {m} | {_fmt(tags, m)} | {_fmt(tags, 'bm25.' + m)} | {_fmt(tags, 'champion.' + m)} |")
+        lines.append(f"| {m} | {_fmt(tags, m)} | {_fmt(tags, 'bm25_' + m)} | {_fmt(tags, 'champion_' + m)} |")
     lines += [
         "",
         "Paired bootstrap 95% CI of the NDCG@10 difference (challenger - baseline):",
@@ -164,13 +172,12 @@ def approval_card(version: str, tags: Mapping[str, str], champion_version: str |
         f"- vs champion: {_ci(tags, 'delta_ndcg_at_10_vs_champion')}",
         "",
     ]
-    slices = sorted({k.split(".")[1] + "." + k.split(".")[2] for k in tags
-                     if k.startswith("slice.") and k.endswith(".ndcg_at_10")})
+    slices = sorted(set(slice_names(tags, "bm25")) | set(slice_names(tags, "champion")))
     if slices:
-        lines += ["| slice | NDCG@10 | delta vs champion [95% CI] |", "|---|---|---|"]
+        lines += ["| slice | NDCG@10 | delta vs BM25 [95% CI] | delta vs champion [95% CI] |", "|---|---|---|---|"]
         for s in slices:
-            lines.append(f"| {s} | {_fmt(tags, f'slice.{s}.ndcg_at_10')} | "
-                         f"{_ci(tags, f'slice.{s}.delta_ndcg_at_10_vs_champion')} |")
+            lines.append(f"| {s} | {_fmt(tags, f'{s}_ndcg_at_10')} | {_ci(tags, f'delta_ndcg_at_10_vs_bm25_{s}')} | "
+                         f"{_ci(tags, f'delta_ndcg_at_10_vs_champion_{s}')} |")
         lines.append("")
     lines.append("Gate: " + tags.get("gate_reasons", "n/a"))
     if links:

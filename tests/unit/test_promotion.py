@@ -2,12 +2,14 @@ from shoprank.promotion import GatePolicy, approval_card, evaluate_gate
 
 GOOD = {
     "validation_status": "passed",
-    "ndcg_at_10": "0.61", "bm25.ndcg_at_10": "0.40", "champion.ndcg_at_10": "0.58",
+    "ndcg_at_10": "0.61", "bm25_ndcg_at_10": "0.40", "champion_ndcg_at_10": "0.58",
     "delta_ndcg_at_10_vs_bm25": "0.21", "delta_ndcg_at_10_vs_bm25_lo": "0.15", "delta_ndcg_at_10_vs_bm25_hi": "0.27",
     "delta_ndcg_at_10_vs_champion": "0.03", "delta_ndcg_at_10_vs_champion_lo": "0.005",
     "delta_ndcg_at_10_vs_champion_hi": "0.05",
-    "slice.query_freq_bucket.tail.ndcg_at_10": "0.5",
-    "slice.query_freq_bucket.tail.delta_ndcg_at_10_vs_champion": "-0.01",
+    "query_freq_bucket_tail_ndcg_at_10": "0.5",
+    "delta_ndcg_at_10_vs_champion_query_freq_bucket_tail": "-0.01",
+    "delta_ndcg_at_10_vs_champion_query_freq_bucket_tail_lo": "-0.03",
+    "delta_ndcg_at_10_vs_champion_query_freq_bucket_tail_hi": "0.01",
     "latency_ms_per_pair": "4.2",
 }
 
@@ -51,7 +53,7 @@ def test_first_model_has_no_champion_check():
 def test_auto_promotion_needs_significant_gain_and_no_slice_regression():
     policy = GatePolicy(auto_promote=True, auto_promote_max_slice_regression=0.02)
     assert evaluate_gate(GOOD, policy).auto_promote
-    bad_slice = {**GOOD, "slice.query_freq_bucket.tail.delta_ndcg_at_10_vs_champion": "-0.1"}
+    bad_slice = {**GOOD, "delta_ndcg_at_10_vs_champion_query_freq_bucket_tail": "-0.1"}
     assert not evaluate_gate(bad_slice, policy).auto_promote
     no_gain = {**GOOD, "delta_ndcg_at_10_vs_champion_lo": "-0.001"}
     assert not evaluate_gate(no_gain, policy).auto_promote
@@ -69,6 +71,7 @@ def test_card_shows_metrics_intervals_slices_and_links():
                          {"MLflow run": "http://mlflow/r/1", "Data Docs": "http://docs"})
     assert "version 7" in card and "version 6" in card
     assert "+0.2100 [+0.1500, +0.2700]" in card
-    assert "query_freq_bucket.tail" in card
+    assert "| query_freq_bucket_tail | 0.5000 |" in card
+    assert "-0.0100 [-0.0300, +0.0100]" in card
     assert "[MLflow run](http://mlflow/r/1)" in card
     assert "2026-11-01-abc" in card
