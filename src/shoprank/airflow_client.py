@@ -87,6 +87,12 @@ class AirflowClient:
     def run(self, dag_id: str, run_id: str) -> dict:
         return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
 
+    def clear_run(self, dag_id: str, run_id: str) -> dict:
+        """Re-run every task of a DAG run (what "Clear" does in the UI)."""
+        return self._request("POST", f"/api/v2/dags/{dag_id}/clearTaskInstances",
+                             {"dry_run": False, "dag_run_id": run_id, "only_failed": False,
+                              "reset_dag_runs": True, "include_downstream": True})
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         out = self._request(
             "GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")

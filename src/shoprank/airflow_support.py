@@ -33,7 +33,7 @@ def task_settings(conn_id: str = S3_CONN_ID) -> Settings:
         settings,
         aws_access_key_id=conn.login or settings.aws_access_key_id,
         aws_secret_access_key=conn.password or settings.aws_secret_access_key,
-        s3_endpoint_url=extra.get("endpoint_url", settings.s3_endpoint_url),
+        s3_endpoint_url=extra.get("endpoint_url", settings.s3_endpoint_url) or None,  # "" = AWS
         aws_region=extra.get("region_name", settings.aws_region),
     )
 

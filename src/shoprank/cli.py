@@ -22,7 +22,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from shoprank.stack import StackError
     from shoprank.storage import StorageError
 
-    errors: list[type[BaseException]] = [ConfigError, StackError, StorageError]
+    from shoprank.registry import RegistryError
+
+    errors: list[type[BaseException]] = [ConfigError, StackError, StorageError, RegistryError]
     try:
         from shoprank.validation import ValidationError  # type: ignore[attr-defined]
 
@@ -86,8 +88,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     storage = Storage(settings)
     storage.ensure_bucket()
     market = generate_marketplace(n_products=args.products, n_queries=args.queries, seed=args.seed,
-                                  start=args.date)
+                                  start=args.date, synonym_rate=args.synonym_rate, typo_rate=args.typo_rate)
     market.write_to_storage(storage, args.date)
+    from shoprank.simulation import save_marketplace_params
+
+    save_marketplace_params(storage, n_products=args.products, n_queries=args.queries, seed=args.seed,
+                            start=args.date.isoformat(), synonym_rate=args.synonym_rate, typo_rate=args.typo_rate)
     print(f"wrote synthetic marketplace for {args.date} to s3://{settings.bucket}/raw/ "
           f"({len(market.catalog)} products, {len(market.queries)} queries, {len(market.judgments)} judgments)")
     return 0
@@ -110,6 +116,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
     storage = Storage(get_settings())
     outcome = validate_partition(storage, args.dataset, args.date, run_id=args.run_id)
     print(outcome.summary() if hasattr(outcome, "summary") else outcome)
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    import getpass
+
+    from shoprank.registry import Registry
+    from shoprank.storage import Storage
+
+    settings = get_settings()
+    registry = Registry(settings, Storage(settings))
+    actor = args.actor or os.environ.get("USER") or getpass.getuser()
+    if args.action == "rollback":
+        record = registry.rollback(args.target or "previous", actor=actor, reason=args.reason or "rollback from CLI")
+        print(f"champion of {registry.name} is now version {record['version']} (was {record.get('rolled_back_from')})")
+    elif args.action == "status":
+        for alias in ("champion", "challenger", "previous"):
+            mv = registry.version_by_alias(alias)
+            print(f"{alias:<11} {'version ' + mv.version if mv else '-'}")
+    elif args.action == "audit":
+        for r in registry.audit_trail():
+            print(f"{r['ts']}  {r['action']:<9} {r['alias']:<10} v{r['version']:<4} by {r['actor']}: {r['reason']}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from shoprank.simulation import simulate_and_write
+
+    out = simulate_and_write(get_settings(), args.date, n_sessions=args.sessions, seed=args.seed,
+                             products=args.products, queries=args.queries, ranker=args.ranker)
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -136,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--date", type=_date, default=dt.date.today())
+    p.add_argument("--synonym-rate", type=float, default=0.8,
+                   help="share of queries using words the catalogue never uses (BM25 cannot match them)")
+    p.add_argument("--typo-rate", type=float, default=0.3, help="share of queries with a typo")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("validate", help="validate one raw partition with Great Expectations")
@@ -143,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", type=_date, required=True)
     p.add_argument("--run-id", default=f"manual__{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("registry", help="model registry: aliases, audit trail, rollback")
+    p.add_argument("action", choices=["status", "audit", "rollback"])
+    p.add_argument("--target", help="rollback target: a version number or an alias (default: previous)")
+    p.add_argument("--reason", help="recorded in the audit trail")
+    p.add_argument("--actor", help="who does it (default: $USER)")
+    p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("simulate", help="simulate a day of shopper traffic against a ranker and write raw/feedback")
+    p.add_argument("--date", type=_date, required=True)
+    p.add_argument("--sessions", type=int, default=80)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--products", type=int, default=1500, help="must match `shoprank generate`")
+    p.add_argument("--queries", type=int, default=200, help="must match `shoprank generate`")
+    p.add_argument("--ranker", choices=["champion", "bm25", "random"], default="champion")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("config", help="print the resolved settings (no secrets)")
     p.add_argument("--table", action="store_true", help="print the README configuration table")

@@ -143,6 +143,13 @@ def ensure_stack_env(settings: Settings) -> dict[str, str]:
         "SHOPRANK_USER_HASH_KEY": lambda: secrets.token_urlsafe(32),
     }
     changed = False
+    if "SHOPRANK_DAILY_START_DATE" not in values and not os.environ.get("SHOPRANK_DAILY_START_DATE"):
+        # the daily schedule starts on the day the stack is created (no surprise catch-up of
+        # old dates); set SHOPRANK_DAILY_START_DATE earlier to have Airflow backfill from there
+        import datetime as _dt
+
+        values["SHOPRANK_DAILY_START_DATE"] = _dt.date.today().isoformat()
+        changed = True
     for key in STACK_SECRETS:
         if key not in values and not os.environ.get(key):
             values[key] = generators[key]()
@@ -215,6 +222,7 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
             "SHOPRANK_S3_PORT": str(settings.s3_port),
             "SHOPRANK_MLFLOW_PORT": str(settings.mlflow_port),
             "SHOPRANK_AIRFLOW_PORT": str(settings.airflow_port),
+            "SHOPRANK_DAILY_START_DATE": secret(settings, "SHOPRANK_DAILY_START_DATE"),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",

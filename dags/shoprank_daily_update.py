@@ -1,0 +1,119 @@
+"""Daily incremental update from yesterday's feedback logs.
+
+One run per logical date (catchup: missed days run in order, one at a time):
+validate_feedback -> prepare (labels, replay mix, warm/full decision) -> train (warm start
+from @champion) -> evaluate (golden test set + recent-feedback holdout) -> register ->
+gate -> auto-promote (if SHOPRANK_AUTO_PROMOTE and significant) or approve (HITL) -> promote.
+
+An empty feedback partition skips the day (not a failure); a bad one is quarantined and the
+run fails with the report, leaving the champion untouched. Re-running a date reuses that
+date's training and model version (see shoprank.daily). Backfill a range with
+`airflow backfill create --dag-id shoprank_daily_update --from-date ... --to-date ...`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.sdk import dag, get_current_context, task
+
+from shoprank.airflow_support import lineage_from_context, promotion_tasks, task_settings, task_storage
+
+START = pendulum.parse(os.environ.get("SHOPRANK_DAILY_START_DATE", "2026-11-01"), tz="UTC")
+TRAIN_QUEUE = os.environ.get("SHOPRANK_TRAIN_QUEUE", "default")
+
+
+def _day() -> str:
+    return get_current_context()["logical_date"].strftime("%Y-%m-%d")
+
+
+@dag(
+    dag_id="shoprank_daily_update",
+    schedule="@daily",
+    start_date=START,
+    catchup=True,
+    max_active_runs=1,
+    tags=["shoprank", "daily"],
+    doc_md=__doc__,
+)
+def shoprank_daily_update():
+    @task
+    def validate_feedback() -> dict:
+        from airflow.exceptions import AirflowSkipException
+
+        from shoprank.validation import EmptyPartition, validate_partition
+        from shoprank.workflow import outcome_dict
+
+        day = _day()
+        try:
+            outcome = validate_partition(task_storage(), "feedback", day, run_id=get_current_context()["ti"].run_id)
+        except EmptyPartition as exc:
+            raise AirflowSkipException(f"no feedback for {day}: {exc}") from None
+        result = outcome_dict(outcome, "feedback", day)
+        result["drift_blocking"] = bool(getattr(outcome.drift, "blocking", False)) if outcome.drift else False
+        print(outcome.summary())
+        return result
+
+    @task
+    def prepare(validated: dict) -> dict:
+        from airflow.exceptions import AirflowSkipException
+
+        from shoprank.daily import NotEnoughSignal, prepare_update
+
+        try:
+            return prepare_update(task_settings(), task_storage(), _day(), validated.get("drift_blocking", False))
+        except NotEnoughSignal as exc:
+            raise AirflowSkipException(str(exc)) from None
+
+    @task(queue=TRAIN_QUEUE, retries=2, retry_delay=pendulum.duration(seconds=10))
+    def train(manifest: dict, validated: dict) -> dict:
+        import tempfile
+
+        from shoprank.daily import DAG_ID, champion_init_dir
+        from shoprank.workflow import train_model
+
+        ctx = get_current_context()
+        settings = task_settings()
+        lineage = lineage_from_context(ctx)
+        lineage = type(lineage)(**{**lineage.__dict__, "key": f"{DAG_ID}/{_day()}"})
+        params = {"epochs": 1, "max_steps": int(os.environ.get("SHOPRANK_DAILY_MAX_STEPS", "60")),
+                  "batch_size": 16, "lr": 2e-5}
+        extra = {**manifest["label_params"], "daily.mode": manifest["mode"], "daily.mode_reason": manifest["mode_reason"],
+                 "daily.replay_ratio": manifest["update_policy"]["replay_ratio"]}
+        if manifest["mode"] == "warm":
+            init_dir, version = champion_init_dir(settings, tempfile.mkdtemp(prefix="shoprank-champion-"))
+            params["init_from"] = init_dir
+            extra["daily.warm_start_from_version"] = version
+        docs = [validated["data_docs"]] if validated.get("data_docs") else None
+        return train_model(settings, manifest, params, lineage, data_docs=docs, extra_params=extra)
+
+    @task
+    def evaluate(trained: dict, manifest: dict) -> dict:
+        from shoprank.workflow import evaluate_model
+
+        return evaluate_model(task_settings(), task_storage(), trained,
+                              extra_test={"recent": manifest["recent_holdout_key"]})
+
+    @task
+    def register(trained: dict, evaluated: dict, manifest: dict) -> dict:
+        from shoprank.daily import DAG_ID
+        from shoprank.workflow import register_model
+
+        lineage = lineage_from_context(get_current_context())
+        lineage = type(lineage)(**{**lineage.__dict__, "key": f"{DAG_ID}/{_day()}"})
+        day = _day()
+        tags = {"golden_snapshot": manifest["golden_snapshot"], "daily.date": day, "daily.mode": manifest["mode"],
+                "last_full_retrain_date": day if manifest["mode"] == "full" else
+                manifest.get("champion_last_full", "")}
+        return register_model(task_settings(), task_storage(), trained, evaluated, lineage, extra_tags=tags)
+
+    validated = validate_feedback()
+    manifest = prepare(validated)
+    trained = train(manifest, validated)
+    evaluated = evaluate(trained, manifest)
+    registered = register(trained, evaluated, manifest)
+    promotion_tasks(registered, auto_promote_allowed=True)
+
+
+shoprank_daily_update()

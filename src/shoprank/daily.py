@@ -1,0 +1,170 @@
+"""The daily incremental update: yesterday's feedback -> training signal -> warm-started challenger.
+
+For a logical date D (one Airflow run per date):
+
+1. ``raw/feedback/dt=D`` is validated (feedback suite); an empty partition skips the day.
+2. ``shoprank.labels`` turns the validated events into graded (query, product) pairs
+   (dedupe, bot filter, position-bias correction), saved to ``derived/labels/dt=D/``.
+3. A daily snapshot ``datasets/daily-D/`` is built: the new pairs minus a holdout of whole
+   queries (evaluation on recent feedback), mixed with a replay sample of the golden
+   snapshot's training data (``replay_ratio`` of the rows, whole queries) so the model does
+   not forget; validation and test are the golden snapshot's, so every day is measured on
+   the same fixed golden test set.
+4. Mode: **warm start** from the current ``@champion`` weights (not its optimizer state), or
+   a **full retrain** from the base model when there is no champion, when the day's data
+   drifted beyond the blocking threshold, or when the last full run is older than
+   ``full_retrain_every_days``.
+
+Idempotency rule: everything for date D is keyed by D (``shoprank_daily_update/D``): the
+snapshot, the checkpoints, the MLflow run and the model version.  Re-running a date reuses
+the finished training and the registered version instead of creating duplicates, and the
+labels are a pure function of the deduplicated events, so nothing is double counted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+
+from shoprank.config import Settings
+from shoprank.storage import Storage, dataset_prefix
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "shoprank_daily_update"
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """Env: SHOPRANK_DAILY_REPLAY_RATIO, _HOLDOUT_FRACTION, _FULL_RETRAIN_EVERY_DAYS, _MIN_PAIRS."""
+
+    replay_ratio: float = 0.5
+    holdout_fraction: float = 0.2
+    full_retrain_every_days: int = 30
+    min_pairs: int = 20
+    seed: int = 42
+
+    @classmethod
+    def from_env(cls) -> "UpdatePolicy":
+        e = os.environ
+        return cls(
+            replay_ratio=float(e.get("SHOPRANK_DAILY_REPLAY_RATIO", cls.replay_ratio)),
+            holdout_fraction=float(e.get("SHOPRANK_DAILY_HOLDOUT_FRACTION", cls.holdout_fraction)),
+            full_retrain_every_days=int(e.get("SHOPRANK_DAILY_FULL_RETRAIN_EVERY_DAYS", cls.full_retrain_every_days)),
+            min_pairs=int(e.get("SHOPRANK_DAILY_MIN_PAIRS", cls.min_pairs)),
+            seed=int(e.get("SHOPRANK_SEED", cls.seed)),
+        )
+
+
+class NotEnoughSignal(RuntimeError):
+    """The day's feedback produced too few labelled pairs to train on (the DAG skips)."""
+
+
+def _latest_on_or_before(storage: Storage, dataset: str, day: str) -> str | None:
+    days = [d for d in storage.list_partitions("validated", dataset) if d <= day]
+    return days[-1] if days else None
+
+
+def golden_snapshot(settings: Settings, storage: Storage) -> str:
+    """The snapshot whose test split is the fixed yardstick: the champion's, else the latest."""
+    from shoprank.datasets import latest_snapshot
+    from shoprank.registry import Registry
+
+    champion = Registry(settings).version_by_alias("champion")
+    if champion is not None:
+        tags = champion.tags
+        return tags.get("golden_snapshot") or tags.get("data_snapshot")
+    return latest_snapshot(storage)
+
+
+def choose_mode(settings: Settings, day: str, drift_blocking: bool, policy: UpdatePolicy) -> tuple[str, str]:
+    from shoprank.registry import Registry
+
+    champion = Registry(settings).version_by_alias("champion")
+    if champion is None:
+        return "full", "no champion yet"
+    if drift_blocking:
+        return "full", "the day's data drifted beyond the blocking threshold"
+    last_full = champion.tags.get("last_full_retrain_date") or champion.tags.get("airflow.logical_date", "")[:10]
+    if last_full:
+        age = (dt.date.fromisoformat(day) - dt.date.fromisoformat(last_full[:10])).days
+        if age >= policy.full_retrain_every_days:
+            return "full", f"last full retrain {last_full} is {age} days old (>= {policy.full_retrain_every_days})"
+    return "warm", f"warm start from champion version {champion.version}"
+
+
+def prepare_update(settings: Settings, storage: Storage, day: str, drift_blocking: bool = False,
+                   policy: UpdatePolicy | None = None) -> dict:
+    """Steps 2-4 of the module docstring; returns the daily snapshot manifest + decisions."""
+    from shoprank.datasets import load_split
+    from shoprank.labels import LabelParams, derive_labels, holdout_split, mix_with_replay, to_training_rows
+
+    policy = policy or UpdatePolicy.from_env()
+    events = storage.read_partition("validated", "feedback", day)
+    params = LabelParams()
+    result = derive_labels(events, params)
+    storage.write_parquet(result.pairs, f"derived/labels/dt={day}/pairs.parquet")
+    cat_day = _latest_on_or_before(storage, "catalog", day)
+    if cat_day is None:
+        raise NotEnoughSignal(f"no validated catalogue on or before {day}: cannot attach product text")
+    catalog = storage.read_partition("validated", "catalog", cat_day)
+    q_day = _latest_on_or_before(storage, "queries", day)
+    queries = storage.read_partition("validated", "queries", q_day) if q_day else None
+    rows = to_training_rows(result.pairs, catalog, queries)
+    if len(rows) < policy.min_pairs:
+        raise NotEnoughSignal(f"feedback of {day} gave {len(rows)} labelled pairs (< {policy.min_pairs}); "
+                              "nothing to learn today")
+    train_new, holdout = holdout_split(rows, policy.holdout_fraction, policy.seed)
+    golden = golden_snapshot(settings, storage)
+    replay = load_split(storage, golden, "train")
+    mixed = mix_with_replay(train_new, replay, policy.replay_ratio, policy.seed)
+    mode, reason = choose_mode(settings, day, drift_blocking, policy)
+    from shoprank.registry import Registry
+
+    champion = Registry(settings).version_by_alias("champion")
+    champion_last_full = (champion.tags.get("last_full_retrain_date", "") if champion else "")
+    snapshot = f"daily-{day}"
+    prefix = dataset_prefix(snapshot)
+    storage.write_parquet(mixed.reset_index(drop=True), prefix + "train.parquet")
+    storage.write_parquet(load_split(storage, golden, "val"), prefix + "val.parquet")
+    storage.write_parquet(load_split(storage, golden, "test"), prefix + "test.parquet")
+    storage.write_parquet(holdout.reset_index(drop=True), prefix + "recent_holdout.parquet")
+    manifest = {
+        "snapshot": snapshot, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "golden_snapshot": golden, "mode": mode, "mode_reason": reason,
+        "rows": {"train": int(len(mixed)), "new": int(len(train_new)), "replay": int(len(mixed) - len(train_new)),
+                 "recent_holdout": int(len(holdout)), "test": None},
+        "sources": {"feedback": day, "catalog": cat_day, "queries": q_day},
+        "label_params": params.as_params(),
+        "label_stats": {k: v for k, v in result.as_metrics().items()},
+        "update_policy": asdict(policy),
+        "recent_holdout_key": prefix + "recent_holdout.parquet",
+        "champion_version": champion.version if champion else None,
+        "champion_last_full": champion_last_full,
+    }
+    storage.put_bytes(prefix + "manifest.json", json.dumps(manifest, indent=2, default=str).encode(),
+                      "application/json")
+    log.info("daily snapshot %s: %s new + %s replay rows, %s holdout rows; mode %s (%s)", snapshot,
+             manifest["rows"]["new"], manifest["rows"]["replay"], manifest["rows"]["recent_holdout"], mode, reason)
+    return manifest
+
+
+def champion_init_dir(settings: Settings, workdir: str) -> tuple[str, str]:
+    """Download the champion's weights for a warm start; (local HF model dir, version)."""
+    from shoprank.mlflow_model import download_weights
+    from shoprank.registry import Registry
+
+    registry = Registry(settings)
+    champion = registry.version_by_alias("champion")
+    if champion is None:
+        raise RuntimeError("warm start needs a champion, and there is none")
+    return download_weights(settings, f"models:/{registry.name}/{champion.version}", workdir), champion.version
+
+
+def recent_rows(storage: Storage, manifest: dict) -> pd.DataFrame:
+    return storage.read_parquet(manifest["recent_holdout_key"])

@@ -1,0 +1,86 @@
+"""The cross-encoder as an MLflow pyfunc model.
+
+Input: a DataFrame with columns ``query`` and ``text`` (product text, see
+``shoprank.data.contracts.product_text``).  Output: one relevance score per row (higher is
+better).  Loads with ``mlflow.pyfunc.load_model("models:/<name>@champion")`` anywhere the
+package is installed; the weights travel as the ``model_dir`` artifact (Hugging Face format).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
+
+
+class CrossEncoderPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from shoprank.evaluation.scorers import CrossEncoderScorer
+
+        self.scorer = CrossEncoderScorer.from_dir(context.artifacts["model_dir"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+        missing = [c for c in ("query", "text") if c not in model_input.columns]
+        if missing:
+            raise ValueError(f"input lacks columns {missing}: pass a DataFrame with 'query' and 'text'")
+        return self.scorer(model_input)
+
+
+def log_cross_encoder(run_id: str, model_dir: Path, name: str = "model") -> str:
+    """Log ``model_dir`` (save_pretrained output) as a pyfunc model in ``run_id``; return its URI."""
+    example = pd.DataFrame({"query": ["red running shoes"], "text": ["Acme Runner | Shoes > Running | red"]})
+    signature = infer_signature(example, np.array([0.0], dtype=np.float32))
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=CrossEncoderPyfunc(),
+            artifacts={"model_dir": str(model_dir)},
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),
+        )
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "pandas", "mlflow")] + ["shoprank"]
+
+
+def load_scorer(model_uri: str):
+    """(score_fn, ms_per_pair probe): load a packaged model and time it on a small batch."""
+    model = mlflow.pyfunc.load_model(model_uri)
+
+    def score(df: pd.DataFrame) -> np.ndarray:
+        return np.asarray(model.predict(df[["query", "text"]]), dtype=np.float64)
+
+    return score
+
+
+def latency_ms_per_pair(score_fn, sample: pd.DataFrame, repeats: int = 3) -> float:
+    """Median wall time per pair of scoring ``sample`` (after one warm-up call)."""
+    score_fn(sample.head(8))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        score_fn(sample)
+        times.append((time.perf_counter() - t0) * 1000 / max(len(sample), 1))
+    return float(np.median(times))
+
+
+def download_weights(settings, model_uri: str, workdir: str) -> str:
+    """Download a registered model's Hugging Face weights directory (for warm starts)."""
+    from pathlib import Path
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=workdir))
+    found = [p.parent for p in local.rglob("config.json") if (p.parent / "shoprank_training.json").exists()
+             or p.parent.name == "model_dir"]
+    if not found:
+        raise FileNotFoundError(f"{model_uri} holds no Hugging Face weights directory (looked in {local})")
+    return str(found[0])

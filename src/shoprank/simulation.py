@@ -1,0 +1,97 @@
+"""Closing the loop on synthetic data: rank shopper traffic with the champion, log feedback.
+
+The synthetic marketplace is regenerated from the parameters saved next to it in S3
+(``raw/_synthetic/marketplace.json``, written by ``shoprank generate`` and the demo), so the
+simulator knows the hidden true relevance that drives clicks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from shoprank.config import Settings
+from shoprank.data.contracts import product_text
+from shoprank.storage import Storage
+
+log = logging.getLogger(__name__)
+
+PARAMS_KEY = "raw/_synthetic/marketplace.json"
+
+
+def save_marketplace_params(storage: Storage, **params) -> None:
+    storage.put_bytes(PARAMS_KEY, json.dumps(params, default=str).encode(), "application/json")
+
+
+def load_marketplace(storage: Storage):
+    from shoprank.data.synthetic import generate_marketplace
+
+    if not storage.exists(PARAMS_KEY):
+        raise RuntimeError(f"{storage.uri(PARAMS_KEY)} is missing: run `shoprank generate` first")
+    p = json.loads(storage.get_bytes(PARAMS_KEY))
+    return generate_marketplace(n_products=p["n_products"], n_queries=p["n_queries"], seed=p["seed"],
+                                start=dt.date.fromisoformat(p["start"]),
+                                synonym_rate=p.get("synonym_rate", 0.3), typo_rate=p.get("typo_rate", 0.12))
+
+
+def champion_rank_fn(settings: Settings):
+    """(rank_fn, model_version) scoring candidates with the registered champion."""
+    import mlflow
+
+    from shoprank.registry import Registry
+
+    registry = Registry(settings)
+    champion = registry.version_by_alias("champion")
+    if champion is None:
+        raise RuntimeError("no champion to serve: train and approve a model first")
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{registry.name}/{champion.version}")
+
+    def rank(query: str, candidates: pd.DataFrame) -> np.ndarray:
+        frame = pd.DataFrame({"query": [query] * len(candidates), "text": product_text(candidates).values})
+        return np.asarray(model.predict(frame), dtype=np.float64)
+
+    return rank, champion.version
+
+
+def bm25_rank_fn():
+    from shoprank.evaluation import BM25Scorer
+
+    scorer = BM25Scorer()
+
+    def rank(query: str, candidates: pd.DataFrame) -> np.ndarray:
+        return scorer(pd.DataFrame({"query": [query] * len(candidates), "text": product_text(candidates).values}))
+
+    return rank
+
+
+def simulate_and_write(settings: Settings, day: dt.date | str, n_sessions: int = 80, seed: int = 0,
+                       ranker: str = "champion", bot_fraction: float = 0.0, **_ignored) -> dict:
+    from shoprank.data.simulator import random_rank_fn, simulate_day, write_day
+
+    storage = Storage(settings)
+    market = load_marketplace(storage)
+    version = None
+    if ranker == "champion":
+        rank_fn, version = champion_rank_fn(settings)
+    elif ranker == "bm25":
+        rank_fn = bm25_rank_fn()
+    else:
+        rank_fn = random_rank_fn
+    day = day.isoformat() if isinstance(day, dt.date) else day
+    # The catalogue of that day (new products appear: cold start) goes in with the feedback.
+    from shoprank.data.contracts import CATALOG
+
+    storage.write_partition(CATALOG.conform(market.catalog_for_day(day)), "raw", "catalog", day)
+    events = simulate_day(market, day, rank_fn, n_sessions=n_sessions, seed=seed, model_version=version,
+                          bot_fraction=bot_fraction, n_category_candidates=8, n_fresh_candidates=2,
+                          n_random_candidates=6)
+    write_day(storage, market, day, events)
+    counts = events["event_type"].value_counts().to_dict()
+    log.info("simulated %s with ranker %s (version %s): %s", day, ranker, version, counts)
+    return {"date": day, "ranker": ranker, "model_version": version, "events": int(len(events)),
+            "by_type": {k: int(v) for k, v in counts.items()}}

@@ -1,0 +1,445 @@
+"""The steps of the train and daily-update DAGs, as plain functions.
+
+Each function is one Airflow task: it takes and returns JSON-able values (they travel as
+XCom), does its I/O through ``shoprank.storage`` / MLflow, and runs without Airflow, so the
+CLI and the tests call exactly what the DAGs call.  Training itself runs in a subprocess
+(``python -m shoprank.training`` or ``torchrun``), never in the task process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoprank.config import REPO_ROOT, Settings
+from shoprank.storage import Storage
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+
+
+class StepError(RuntimeError):
+    """A pipeline step failed in a way the message explains."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a run comes from; written to MLflow tags and version tags."""
+
+    dag_id: str = "cli"
+    run_id: str = "manual"
+    task_id: str = ""
+    try_number: int = 1
+    logical_date: str | None = None
+    key: str | None = None  # override, e.g. "<dag>/<date>" so re-runs of a date share it
+
+    @property
+    def run_key(self) -> str:
+        """Stable across retries of one DAG run: the checkpoint/resume/idempotency key."""
+        return self.key or f"{self.dag_id}/{self.run_id}"
+
+    def tags(self) -> dict[str, str]:
+        return {"airflow.dag_id": self.dag_id, "airflow.run_id": self.run_id, "airflow.task_id": self.task_id,
+                "airflow.try_number": str(self.try_number), "airflow.logical_date": self.logical_date or "",
+                "git_sha": git_sha()}
+
+
+def git_sha() -> str:
+    sha = os.environ.get("SHOPRANK_GIT_SHA")
+    if sha:
+        return sha
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def mlflow_ui_link(settings: Settings, run_id: str, experiment_id: str | None = None) -> str:
+    base = settings.mlflow_tracking_uri.rstrip("/")
+    if experiment_id:
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/runs/{run_id}"
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+def validate_latest(storage: Storage, dataset: str, run_id: str, on_or_before: str | None = None) -> dict:
+    """Validate the newest raw partition of ``dataset`` (on or before a date)."""
+    from shoprank.validation import validate_partition
+
+    days = storage.list_partitions("raw", dataset)
+    if on_or_before:
+        days = [d for d in days if d <= on_or_before]
+    if not days:
+        raise StepError(f"no raw partition of {dataset!r} under s3://{storage.bucket}/raw/{dataset}/"
+                        + (f" on or before {on_or_before}" if on_or_before else "")
+                        + ": drop your files there (see README 'Bring your own data') or run `shoprank generate`")
+    outcome = validate_partition(storage, dataset, days[-1], run_id=run_id)
+    return outcome_dict(outcome, dataset, days[-1])
+
+
+def outcome_dict(outcome: Any, dataset: str, day: str) -> dict:
+    return {"dataset": dataset, "date": day, "success": bool(outcome.success), "status": outcome.status,
+            "rows": int(outcome.row_count or 0), "data_docs": outcome.docs_page_key,
+            "data_docs_index": outcome.docs_index_key, "validated_prefix": outcome.validated_prefix,
+            "warnings": list(outcome.warnings or [])[:20]}
+
+
+# ---- snapshot ---------------------------------------------------------------------------------
+
+def make_snapshot(storage: Storage, snapshot: str | None = None, on_or_before: str | None = None,
+                  seed: int = 42) -> dict:
+    from dataclasses import asdict
+
+    from shoprank.datasets import SnapshotParams, build_snapshot
+
+    if snapshot:
+        key = f"datasets/{snapshot}/manifest.json"
+        if not storage.exists(key):
+            raise StepError(f"snapshot {snapshot!r} does not exist (no {storage.uri(key)}); "
+                            "leave the form field empty to build one from the latest validated data")
+        return json.loads(storage.get_bytes(key))
+    return asdict(build_snapshot(storage, SnapshotParams(seed=seed), day=on_or_before))
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def _stream(cmd: list[str], env: dict[str, str], cwd: str | None = None) -> tuple[int, str]:
+    """Run a child process, forwarding its output line by line (shows in the task log)."""
+    tail: deque[str] = deque(maxlen=40)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            print(line, flush=True)
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    return rc, "\n".join(tail)
+
+
+def find_or_create_run(settings: Settings, lineage: Lineage, run_name: str) -> tuple[str, str]:
+    """One MLflow run per DAG run: a retry continues the run of its first try."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    experiment = mlflow.set_experiment(settings.mlflow_experiment)
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    found = client.search_runs([experiment.experiment_id],
+                               filter_string=f"tags.`shoprank.run_key` = '{lineage.run_key}'", max_results=1)
+    if found:
+        run = found[0]
+        log.info("continuing MLflow run %s of %s", run.info.run_id, lineage.run_key)
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id, experiment.experiment_id
+    run = client.create_run(experiment.experiment_id, run_name=run_name,
+                            tags={"shoprank.run_key": lineage.run_key, **lineage.tags()})
+    return run.info.run_id, experiment.experiment_id
+
+
+def train_model(settings: Settings, snapshot: dict, train_params: dict, lineage: Lineage,
+                data_docs: list[str] | None = None, workdir: str | None = None,
+                extra_params: dict | None = None) -> dict:
+    """Train in a subprocess (torchrun when devices x nodes > 1) and log the model to MLflow."""
+    import mlflow
+
+    from shoprank.training import TrainConfig
+    from shoprank.training.run import build_command
+
+    run_id, experiment_id = find_or_create_run(settings, lineage, run_name=f"train {snapshot['snapshot']}")
+    work = Path(workdir or tempfile.mkdtemp(prefix="shoprank-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    params = {k: v for k, v in train_params.items() if v not in (None, "")}
+    rdzv = params.pop("rdzv_endpoint", None)
+    config = TrainConfig.from_settings(
+        settings, **params, snapshot=snapshot["snapshot"], run_key=lineage.run_key,
+        output_dir=str(work / "model"), result_json=str(work / "result.json"), mlflow_run_id=run_id)
+    config_path = config.to_json(work / "train_config.json")
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    tags = {"data_snapshot": snapshot["snapshot"], "mlflow.note.content": _run_note(snapshot, lineage, data_docs)}
+    if data_docs:
+        tags["data_docs"] = " ".join(data_docs)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    logged = set(client.get_run(run_id).data.params)  # a retry must not re-log (params are immutable)
+    for key, value in config.to_dict().items():
+        if key in ("mlflow_run_id", "mlflow_tracking_uri", "output_dir", "result_json", "checkpoint_dir") \
+                or key in logged:
+            continue
+        client.log_param(run_id, key, "" if value is None else str(value)[:500])
+    for key, value in (extra_params or {}).items():
+        if key not in logged:
+            client.log_param(run_id, key, str(value)[:500])
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "manifest.json"
+        manifest.write_text(json.dumps(snapshot, indent=2))
+        client.log_artifact(run_id, str(manifest), "data")
+    if data_docs:
+        log_data_docs(client, run_id, Storage(settings), data_docs)
+
+    cmd = build_command(config_path, nproc_per_node=config.devices, nnodes=config.num_nodes, rdzv_endpoint=rdzv,
+                        rdzv_id=lineage.run_key.replace("/", "-"))
+    env = dict(os.environ)
+    env.update(settings.as_env())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    log.info("training: %s", " ".join(cmd))
+    t0 = time.monotonic()
+    rc, tail = _stream(cmd, env)
+    if rc != 0:
+        client.set_tag(run_id, "shoprank.last_failure", f"training exited with {rc}")
+        raise StepError(f"training subprocess exited with code {rc} after {time.monotonic() - t0:.0f}s; "
+                        f"a retry of this task resumes from checkpoints/{lineage.run_key}/. Last output:\n{tail}")
+    result = json.loads((work / "result.json").read_text())
+    _log_validation_curve(client, run_id, result.get("val_history") or [])
+    for key in ("best_val_ndcg_at_10", "global_step", "epochs_completed", "train_pairs_per_s"):
+        if result.get(key) is not None:
+            client.log_metric(run_id, key, float(result[key]))
+    model_uri = client.get_run(run_id).data.tags.get("shoprank.model_uri")
+    if model_uri:
+        log.info("run %s already logged its model (%s); reusing it", run_id, model_uri)
+    else:
+        model_uri = log_model(settings, run_id, Path(result["model_dir"]), snapshot)
+        client.set_tag(run_id, "shoprank.model_uri", model_uri)
+    return {"mlflow_run_id": run_id, "experiment_id": experiment_id, "model_uri": model_uri,
+            "snapshot": snapshot["snapshot"], "train_result": {k: result.get(k) for k in (
+                "best_val_ndcg_at_10", "global_step", "resumed_from_step", "epochs_completed", "stopped_early",
+                "train_pairs_per_s", "world_size", "precision")},
+            "params": {k: config.to_dict()[k] for k in ("base_model", "loss", "epochs", "lr", "batch_size",
+                                                         "max_length", "devices", "num_nodes", "init_from")}}
+
+
+def log_data_docs(client, run_id: str, storage: Storage, page_keys: list[str]) -> None:
+    """Copy the GX Data Docs pages of the batches a run used into the run (viewable in the MLflow UI)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in page_keys:
+            if not key or not storage.exists(key):
+                continue
+            target = Path(tmp) / key.split("reports/data-docs/", 1)[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            storage.download_file(key, str(target))
+        if any(Path(tmp).iterdir()):
+            client.log_artifacts(run_id, tmp, "data-docs")
+
+
+def _log_validation_curve(client, run_id: str, history: list[dict]) -> None:
+    from shoprank.evaluation import plot_validation_curve
+
+    if not history:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_validation_curve(history, Path(tmp) / "val_ndcg_curve.png")
+        client.log_artifact(run_id, str(path), "plots")
+
+
+def _run_note(snapshot: dict, lineage: Lineage, data_docs: list[str] | None) -> str:
+    lines = [f"Trained by Airflow DAG `{lineage.dag_id}`, run `{lineage.run_id}`.",
+             f"Data snapshot `{snapshot['snapshot']}`: rows {snapshot.get('rows')}."]
+    if data_docs:
+        lines.append("Data Docs: " + ", ".join(data_docs))
+    return "\n\n".join(lines)
+
+
+def log_model(settings: Settings, run_id: str, model_dir: Path, snapshot: dict) -> str:
+    import mlflow
+
+    from shoprank.mlflow_model import log_cross_encoder
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    return log_cross_encoder(run_id, model_dir, name=MODEL_ARTIFACT)
+
+
+# ---- gate, approval, promotion ------------------------------------------------------------------
+
+def _registry(settings: Settings, storage: Storage | None = None):
+    from shoprank.registry import Registry
+
+    return Registry(settings, storage)
+
+
+def gate_version(settings: Settings, version: str, auto_promote_allowed: bool = False) -> dict:
+    """Evaluate the gate on a version's tags, write the outcome as tags, build the approval card."""
+    from dataclasses import replace
+
+    from shoprank.promotion import GatePolicy, approval_card, evaluate_gate
+
+    registry = _registry(settings)
+    champion = registry.version_by_alias("champion")
+    if champion is not None and champion.version == str(version):
+        # a re-run of a date/run that already promoted this version: nothing to decide
+        return {"version": str(version), "eligible": False, "auto_promote": False, "already_champion": True,
+                "reasons": [f"version {version} is already the champion"], "checks": {},
+                "card": f"Version {version} is already the champion; nothing to approve."}
+    tags = registry.tags(version)
+    policy = GatePolicy.from_env()
+    if not auto_promote_allowed:
+        policy = replace(policy, auto_promote=False)
+    decision = evaluate_gate(tags, policy)
+    registry.set_tags(version, decision.as_tags())
+    links = {"MLflow run": mlflow_ui_link(settings, tags.get("mlflow_run_id", ""), tags.get("experiment_id"))}
+    if champion is not None and champion.run_id:
+        links["Compare with champion run"] = (
+            f"{settings.mlflow_tracking_uri.rstrip('/')}/#/compare-runs?runs="
+            f"{json.dumps([tags.get('mlflow_run_id', ''), champion.run_id])}"
+            f"&experiments={json.dumps([tags.get('experiment_id', '')])}")
+    if tags.get("data_docs"):
+        # the pages were copied into the run (artifacts/data-docs/), which the MLflow UI renders
+        links["Data Docs"] = mlflow_ui_link(settings, tags.get("mlflow_run_id", ""), tags.get("experiment_id")) \
+            + "/artifacts"
+    card = approval_card(str(version), {**tags, **decision.as_tags()},
+                         champion.version if champion else None, links)
+    return {"version": str(version), "eligible": decision.eligible, "auto_promote": decision.auto_promote,
+            "reasons": decision.reasons, "checks": decision.checks, "card": card}
+
+
+def _headline_metrics(tags: dict) -> dict:
+    return {k: tags[k] for k in ("ndcg_at_10", "mrr_at_10", "delta_ndcg_at_10_vs_bm25",
+                                 "delta_ndcg_at_10_vs_champion") if k in tags}
+
+
+def apply_approval(settings: Settings, storage: Storage, version: str, answer: dict, airflow_run: str) -> dict:
+    """After the approval task: a person chose Approve -> move ``champion``."""
+    chosen = (answer or {}).get("chosen_options") or []
+    if chosen != ["Approve"]:
+        raise StepError(f"promote ran without an approval (answer: {answer!r}); refusing to move champion")
+    registry = _registry(settings, storage)
+    who = (answer.get("responded_by_user") or {}).get("name") or (answer.get("responded_by_user") or {}).get("id")
+    comment = (answer.get("params_input") or {}).get("comment") or "approved in Airflow"
+    return registry.promote(version, actor=who or "unknown", reason=comment, airflow_run=airflow_run,
+                            metrics=_headline_metrics(registry.tags(version)))
+
+
+def apply_auto_promotion(settings: Settings, storage: Storage, version: str, decision: dict,
+                         airflow_run: str) -> dict:
+    """Promote without a person: only when the gate said so under the auto-promotion policy."""
+    if not (decision.get("eligible") and decision.get("auto_promote")):
+        raise StepError(f"version {version} is not cleared for auto-promotion: {decision.get('reasons')}")
+    registry = _registry(settings, storage)
+    return registry.promote(version, actor="auto-promotion policy", reason=decision["checks"].get("auto_promote", ""),
+                            airflow_run=airflow_run, metrics=_headline_metrics(registry.tags(version)))
+
+
+def record_rejection(settings: Settings, storage: Storage, version: str, answer: dict | None, decision: dict,
+                     airflow_run: str) -> dict:
+    """Runs after every decision: records a person's Reject (or a timeout) in tags + audit."""
+    registry = _registry(settings, storage)
+    if decision.get("already_champion"):
+        return {"outcome": "already champion"}
+    if not decision.get("eligible", False):
+        return {"outcome": "not eligible", "reasons": decision.get("reasons", [])}
+    if answer is None:
+        if decision.get("auto_promote"):
+            return {"outcome": "auto-promoted"}
+        return {"outcome": "no answer"}
+    chosen = answer.get("chosen_options") or []
+    if chosen == ["Approve"]:
+        return {"outcome": "approved"}
+    user = answer.get("responded_by_user") or {}
+    who = user.get("name") or user.get("id") or "timeout (default: Reject)"
+    why = (answer.get("params_input") or {}).get("comment") or "rejected in Airflow"
+    record = registry.reject(version, actor=who, reason=why, airflow_run=airflow_run)
+    return {"outcome": "rejected", "record": record}
+
+
+# ---- evaluation & registration ------------------------------------------------------------------
+
+def _mlflow_key(name: str) -> str:
+    import re
+
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
+
+
+def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_test: dict | None = None) -> dict:
+    """Score the snapshot's test split with the packaged challenger, BM25 and the champion.
+
+    Metrics go to the training run (same names in every run, so MLflow's compare view lines
+    them up); the champion is pinned by version number so the comparison is reproducible.
+    ``extra_test`` = {"name": split_key} adds another evaluation set (e.g. recent feedback),
+    logged with that name as a prefix.
+    """
+    from mlflow import MlflowClient
+
+    from shoprank.datasets import load_split
+    from shoprank.evaluation import BM25Scorer, evaluate, plot_slice_metrics
+    from shoprank.mlflow_model import latency_ms_per_pair, load_scorer
+
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    registry = _registry(settings)
+    champion = registry.version_by_alias("champion")
+    scorers = {"challenger": load_scorer(trained["model_uri"]), "bm25": BM25Scorer()}
+    if champion is not None:
+        scorers["champion"] = load_scorer(f"models:/{registry.name}/{champion.version}")
+    sets = {"": load_split(storage, trained["snapshot"], "test")}
+    for name, key in (extra_test or {}).items():
+        sets[name + "_"] = storage.read_parquet(key)
+    run_id = trained["mlflow_run_id"]
+    metrics: dict[str, float] = {}
+    summaries = []
+    for prefix, test in sets.items():
+        report = evaluate(test, scorers, baseline_names=("bm25", "champion"))
+        for k, v in report.to_dict(candidate="challenger").items():
+            metrics[_mlflow_key(prefix + k)] = float(v)
+        summaries.append(f"== {prefix or 'test'} ==\n{report.summary()}")
+        with tempfile.TemporaryDirectory() as tmp:
+            for col in ("query_freq_bucket", "category"):
+                path = plot_slice_metrics(report, Path(tmp) / f"{prefix}slices_{col}.png", slice_column=col)
+                client.log_artifact(run_id, str(path), "plots")
+    test = sets[""]
+    metrics["latency_ms_per_pair"] = latency_ms_per_pair(scorers["challenger"], test.head(64))
+    for k, v in metrics.items():
+        if v == v:  # skip NaN
+            client.log_metric(run_id, k, v)
+    client.set_tag(run_id, "champion_version", champion.version if champion else "none")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "evaluation.txt").write_text("\n\n".join(summaries))
+        client.log_artifact(run_id, str(Path(tmp) / "evaluation.txt"), "evaluation")
+    for line in summaries:
+        print(line)
+    print(f"MLflow run: {mlflow_ui_link(settings, run_id, trained.get('experiment_id'))}")
+    return {"metrics": metrics, "champion_version": champion.version if champion else None}
+
+
+def register_model(settings: Settings, storage: Storage, trained: dict, evaluated: dict, lineage: Lineage,
+                   validation_status: str = "passed", data_docs: list[str] | None = None,
+                   extra_tags: dict | None = None) -> dict:
+    """Create the model version (idempotent per DAG run), tag it, point ``challenger`` at it."""
+    registry = _registry(settings, storage)
+    for v in registry.client.search_model_versions(f"name='{registry.name}'"):
+        if v.tags.get("airflow.run_key") == lineage.run_key:
+            log.info("version %s was already registered by %s; reusing it", v.version, lineage.run_key)
+            return {"version": v.version, "reused": True}
+    tags: dict[str, Any] = {**evaluated["metrics"], "validation_status": validation_status,
+                            "data_snapshot": trained["snapshot"], "mlflow_run_id": trained["mlflow_run_id"],
+                            "experiment_id": trained.get("experiment_id", ""), "airflow.run_key": lineage.run_key,
+                            "champion_compared": evaluated.get("champion_version") or "none",
+                            **{f"param.{k}": v for k, v in trained.get("params", {}).items()},
+                            **lineage.tags(), **(extra_tags or {})}
+    if data_docs:
+        tags["data_docs"] = " ".join(data_docs)
+    version = registry.register(trained["model_uri"], trained["mlflow_run_id"], tags,
+                                description=f"snapshot {trained['snapshot']}, DAG run {lineage.run_key}")
+    print(f"registered {registry.name} version {version} (alias challenger)")
+    return {"version": version, "reused": False}
