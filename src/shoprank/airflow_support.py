@@ -84,8 +84,9 @@ def promotion_tasks(registered, auto_promote_allowed: bool = False):
     ``registered`` is the XComArg of the register task (dict with ``version``).  Returns the
     last task so callers can chain more work after the decision.
     """
-    from airflow.providers.standard.operators.hitl import ApprovalOperator
     from airflow.sdk import Param, task
+
+    from shoprank.airflow_operators import RecordedApprovalOperator
 
     @task.branch
     def gate(reg: dict, **context) -> list[str]:
@@ -108,7 +109,7 @@ def promotion_tasks(registered, auto_promote_allowed: bool = False):
         return apply_auto_promotion(task_settings(), task_storage(), reg["version"], decision,
                                     airflow_run=context["ti"].run_id)
 
-    approve = ApprovalOperator(
+    approve = RecordedApprovalOperator(
         task_id="approve",
         subject="Promote shoprank model version {{ ti.xcom_pull(task_ids='register')['version'] }} to champion?",
         body="{{ ti.xcom_pull(task_ids='gate', key='decision')['card'] }}",
@@ -122,7 +123,7 @@ def promotion_tasks(registered, auto_promote_allowed: bool = False):
     def promote(reg: dict, **context) -> dict:
         from shoprank.workflow import apply_approval
 
-        answer = context["ti"].xcom_pull(task_ids="approve") or {}
+        answer = context["ti"].xcom_pull(task_ids="approve", key="answer") or {}
         return apply_approval(task_settings(), task_storage(), reg["version"], answer,
                               airflow_run=context["ti"].run_id)
 
@@ -131,7 +132,7 @@ def promotion_tasks(registered, auto_promote_allowed: bool = False):
         from shoprank.workflow import record_rejection
 
         ti = context["ti"]
-        answer = ti.xcom_pull(task_ids="approve")
+        answer = ti.xcom_pull(task_ids="approve", key="answer")
         decision = ti.xcom_pull(task_ids="gate", key="decision") or {}
         return record_rejection(task_settings(), task_storage(), reg["version"], answer, decision,
                                 airflow_run=ti.run_id)
