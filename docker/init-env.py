@@ -35,7 +35,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "SHOPRANK_AIRFLOW_JWT_SECRET": lambda: secrets.token_hex(32),
     # a Fernet key is the base64url encoding of 32 random bytes
     "SHOPRANK_AIRFLOW_FERNET_KEY": lambda: base64.urlsafe_b64encode(os.urandom(32)).decode(),
-    "SHOPRANK_PSEUDONYM_KEY": lambda: secrets.token_hex(32),
+    "SHOPRANK_USER_HASH_KEY": lambda: secrets.token_hex(32),
 }
 PLACEHOLDERS = {"", "change-me"}
 
