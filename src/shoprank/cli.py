@@ -24,7 +24,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from shoprank.registry import RegistryError
 
-    errors: list[type[BaseException]] = [ConfigError, StackError, StorageError, RegistryError]
+    from shoprank.data.loaders import LoaderError
+
+    errors: list[type[BaseException]] = [ConfigError, StackError, StorageError, RegistryError, LoaderError]
     try:
         from shoprank.validation import ValidationError  # type: ignore[attr-defined]
 
@@ -96,6 +98,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             start=args.date.isoformat(), synonym_rate=args.synonym_rate, typo_rate=args.typo_rate)
     print(f"wrote synthetic marketplace for {args.date} to s3://{settings.bucket}/raw/ "
           f"({len(market.catalog)} products, {len(market.queries)} queries, {len(market.judgments)} judgments)")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from shoprank.data.loaders import LoaderError, load, write_loaded
+    from shoprank.storage import Storage
+
+    options: dict = {"max_queries": args.max_queries,
+                     "as_of": dt.datetime.combine(args.date, dt.time.min, tzinfo=dt.timezone.utc)}
+    if args.kind == "esci":
+        options["locale"] = None if args.locale == "all" else (args.locale or "us")
+        options["small_version"] = not args.large_version
+    elif args.locale or args.large_version:
+        raise LoaderError("--locale and --large-version apply to esci only")
+    data = load(args.kind, args.path, **options)
+    settings = get_settings()
+    storage = Storage(settings)
+    storage.ensure_bucket()
+    write_loaded(storage, data, args.date)
+    s = data.summary()
+    print(f"imported {args.kind} from {args.path} into s3://{settings.bucket}/raw/ for {args.date} "
+          f"({s['products']} products, {s['queries']} queries, {s['judgments']} judgments; grades {s['grades']})")
+    print(f"next: shoprank validate catalog --date {args.date}, then trigger shoprank_train for that date")
     return 0
 
 
@@ -177,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of queries using words the catalogue never uses (BM25 cannot match them)")
     p.add_argument("--typo-rate", type=float, default=0.3, help="share of queries with a typo")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("import", help="load a public dataset (ESCI, WANDS, Home Depot) into raw/ partitions")
+    p.add_argument("kind", choices=["esci", "wands", "homedepot"])
+    p.add_argument("path", help="folder holding the dataset's files (as published)")
+    p.add_argument("--date", type=_date, required=True, help="partition date; also the products' created_at")
+    p.add_argument("--locale", help="esci only: us (default), es, jp or all")
+    p.add_argument("--large-version", action="store_true", help="esci only: all examples, not only small_version")
+    p.add_argument("--max-queries", type=int, help="keep at most N queries (stable hash) and the products they judge")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("validate", help="validate one raw partition with Great Expectations")
     p.add_argument("dataset", choices=["catalog", "judgments", "feedback", "queries"])
