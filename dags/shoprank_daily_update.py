@@ -1,6 +1,7 @@
 """Daily incremental update from yesterday's feedback logs.
 
-One run per logical date (catchup: missed days run in order, one at a time):
+One run per logical date D, processing the feedback of day D (it starts once D is over;
+catchup: missed days run in order, one at a time):
 validate_feedback -> prepare (labels, replay mix, warm/full decision) -> train (warm start
 from @champion) -> evaluate (golden test set + recent-feedback holdout) -> register ->
 gate -> auto-promote (if SHOPRANK_AUTO_PROMOTE and significant) or approve (HITL) -> promote.
@@ -17,22 +18,26 @@ import os
 
 import pendulum
 from airflow.sdk import dag, get_current_context, task
+from airflow.timetables.interval import CronDataIntervalTimetable
 
 from shoprank.airflow_support import lineage_from_context, promotion_tasks, task_settings, task_storage
 
 START = pendulum.parse(os.environ.get("SHOPRANK_DAILY_START_DATE", "2026-11-01"), tz="UTC")
+CATCHUP = os.environ.get("SHOPRANK_DAILY_CATCHUP", "true").lower() in ("1", "true", "yes")
 TRAIN_QUEUE = os.environ.get("SHOPRANK_TRAIN_QUEUE", "default")
 
 
 def _day() -> str:
+    """The feedback day a run processes: its logical date (= start of its daily data interval)."""
     return get_current_context()["logical_date"].strftime("%Y-%m-%d")
 
 
 @dag(
     dag_id="shoprank_daily_update",
-    schedule="@daily",
+    # data-interval semantics: the run for day D starts after D ends, with logical date D
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     start_date=START,
-    catchup=True,
+    catchup=CATCHUP,
     max_active_runs=1,
     tags=["shoprank", "daily"],
     doc_md=__doc__,
@@ -40,7 +45,7 @@ def _day() -> str:
 def shoprank_daily_update():
     @task
     def validate_feedback() -> dict:
-        from airflow.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
         from shoprank.validation import EmptyPartition, validate_partition
         from shoprank.workflow import outcome_dict
@@ -49,6 +54,7 @@ def shoprank_daily_update():
         try:
             outcome = validate_partition(task_storage(), "feedback", day, run_id=get_current_context()["ti"].run_id)
         except EmptyPartition as exc:
+            print(f"skipping {day}: {exc}")
             raise AirflowSkipException(f"no feedback for {day}: {exc}") from None
         result = outcome_dict(outcome, "feedback", day)
         result["drift_blocking"] = bool(getattr(outcome.drift, "blocking", False)) if outcome.drift else False
@@ -57,13 +63,14 @@ def shoprank_daily_update():
 
     @task
     def prepare(validated: dict) -> dict:
-        from airflow.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
         from shoprank.daily import NotEnoughSignal, prepare_update
 
         try:
             return prepare_update(task_settings(), task_storage(), _day(), validated.get("drift_blocking", False))
         except NotEnoughSignal as exc:
+            print(f"skipping: {exc}")
             raise AirflowSkipException(str(exc)) from None
 
     @task(queue=TRAIN_QUEUE, retries=2, retry_delay=pendulum.duration(seconds=10))

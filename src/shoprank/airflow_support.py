@@ -98,8 +98,8 @@ def promotion_tasks(registered, auto_promote_allowed: bool = False):
         print(decision["card"])
         if not decision["eligible"]:
             print("not eligible, nobody is asked: " + "; ".join(decision["reasons"]))
-            return []
-        return ["auto_promote"] if decision["auto_promote"] else ["approve"]
+            return ["record_decision"]
+        return ["auto_promote" if decision["auto_promote"] else "approve", "record_decision"]
 
     @task
     def auto_promote(reg: dict, **context) -> dict:
@@ -127,7 +127,9 @@ def promotion_tasks(registered, auto_promote_allowed: bool = False):
         return apply_approval(task_settings(), task_storage(), reg["version"], answer,
                               airflow_run=context["ti"].run_id)
 
-    @task(trigger_rule="none_failed")
+    # runs after every decision of a run that got this far (not when the run was skipped
+    # earlier, e.g. an empty feedback day), and fails the run if promotion failed
+    @task(trigger_rule="none_failed_min_one_success")
     def record_decision(reg: dict, **context) -> dict:
         from shoprank.workflow import record_rejection
 
@@ -143,4 +145,5 @@ def promotion_tasks(registered, auto_promote_allowed: bool = False):
     r = record_decision(registered)
     g >> approve >> p >> r
     g >> a >> r
+    g >> r
     return r

@@ -80,7 +80,8 @@ def run_demo(days: int = 3, products: int = 1500, queries: int = 200, keep_runni
     stack.up()
     storage = Storage(settings)
     storage.ensure_bucket()
-    day0 = dt.date.today() - dt.timedelta(days=days + 1)
+    # past dates, clear of the daily DAG's own run for yesterday
+    day0 = dt.date.today() - dt.timedelta(days=days + 10)
     print(f"== 2. generating a synthetic marketplace for {day0} ({products} products, {queries} queries)")
     # Shoppers who often use other words than the catalogue (synonyms) and make typos: where
     # lexical BM25 fails and a fine-tuned cross-encoder earns its keep.

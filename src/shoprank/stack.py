@@ -144,11 +144,13 @@ def ensure_stack_env(settings: Settings) -> dict[str, str]:
     }
     changed = False
     if "SHOPRANK_DAILY_START_DATE" not in values and not os.environ.get("SHOPRANK_DAILY_START_DATE"):
-        # the daily schedule starts on the day the stack is created (no surprise catch-up of
-        # old dates); set SHOPRANK_DAILY_START_DATE earlier to have Airflow backfill from there
+        # The embedded stack accepts daily runs for the last 60 days (manual triggers, the demo)
+        # but does not catch up on them by itself: SHOPRANK_DAILY_CATCHUP=false. docker-compose
+        # keeps Airflow's catch-up on.
         import datetime as _dt
 
-        values["SHOPRANK_DAILY_START_DATE"] = _dt.date.today().isoformat()
+        values["SHOPRANK_DAILY_START_DATE"] = (_dt.date.today() - _dt.timedelta(days=60)).isoformat()
+        values.setdefault("SHOPRANK_DAILY_CATCHUP", "false")
         changed = True
     for key in STACK_SECRETS:
         if key not in values and not os.environ.get(key):
@@ -223,6 +225,8 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
             "SHOPRANK_MLFLOW_PORT": str(settings.mlflow_port),
             "SHOPRANK_AIRFLOW_PORT": str(settings.airflow_port),
             "SHOPRANK_DAILY_START_DATE": secret(settings, "SHOPRANK_DAILY_START_DATE"),
+            "SHOPRANK_DAILY_CATCHUP": os.environ.get("SHOPRANK_DAILY_CATCHUP")
+            or ensure_stack_env(settings).get("SHOPRANK_DAILY_CATCHUP", "true"),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",

@@ -52,7 +52,7 @@ def market_day(airflow_stack):
 
     storage = Storage(airflow_stack.settings)
     storage.ensure_bucket()
-    day = dt.date.today() - dt.timedelta(days=3)
+    day = dt.date.today() - dt.timedelta(days=12)  # clear of the daily DAG's own run for yesterday
     market = generate_marketplace(n_products=300, n_queries=40, seed=7, start=day)
     market.write_to_storage(storage, day)
     save_marketplace_params(storage, n_products=300, n_queries=40, seed=7, start=day.isoformat())

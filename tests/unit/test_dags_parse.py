@@ -41,7 +41,8 @@ def test_train_dag_shape_and_form(dagbag):
 
 def test_daily_dag_schedule(dagbag):
     dag = dagbag.dags["shoprank_daily_update"]
-    assert dag.catchup is True and dag.max_active_runs == 1
+    assert dag.max_active_runs == 1
+    assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"  # logical date = the day processed
     assert "validate_feedback" in dag.task_ids and "auto_promote" in dag.task_ids
 
 
