@@ -170,7 +170,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from shoprank.simulation import simulate_and_write
 
     out = simulate_and_write(get_settings(), args.date, n_sessions=args.sessions, seed=args.seed,
-                             products=args.products, queries=args.queries, ranker=args.ranker)
+                             ranker=args.ranker, bot_fraction=args.bot_fraction)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -229,8 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", type=_date, required=True)
     p.add_argument("--sessions", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--products", type=int, default=1500, help="must match `shoprank generate`")
-    p.add_argument("--queries", type=int, default=200, help="must match `shoprank generate`")
+    p.add_argument("--bot-fraction", type=float, default=0.0, help="share of bot-like sessions to inject")
     p.add_argument("--ranker", choices=["champion", "bm25", "random"], default="champion")
     p.set_defaults(func=cmd_simulate)
 

@@ -70,7 +70,7 @@ def bm25_rank_fn():
 
 
 def simulate_and_write(settings: Settings, day: dt.date | str, n_sessions: int = 80, seed: int = 0,
-                       ranker: str = "champion", bot_fraction: float = 0.0, **_ignored) -> dict:
+                       ranker: str = "champion", bot_fraction: float = 0.0) -> dict:
     from shoprank.data.simulator import random_rank_fn, simulate_day, write_day
 
     storage = Storage(settings)
