@@ -57,7 +57,8 @@ def shoprank_daily_update():
             print(f"skipping {day}: {exc}")
             raise AirflowSkipException(f"no feedback for {day}: {exc}") from None
         result = outcome_dict(outcome, "feedback", day)
-        result["drift_blocking"] = bool(getattr(outcome.drift, "blocking", False)) if outcome.drift else False
+        # drift beyond the thresholds (in the default "warn" mode) switches the day to a full retrain
+        result["drifted"] = [m.name for m in outcome.drift.drifted] if outcome.drift else []
         print(outcome.summary())
         return result
 
@@ -68,7 +69,7 @@ def shoprank_daily_update():
         from shoprank.daily import NotEnoughSignal, prepare_update
 
         try:
-            return prepare_update(task_settings(), task_storage(), _day(), validated.get("drift_blocking", False))
+            return prepare_update(task_settings(), task_storage(), _day(), drifted=bool(validated.get("drifted")))
         except NotEnoughSignal as exc:
             print(f"skipping: {exc}")
             raise AirflowSkipException(str(exc)) from None
@@ -84,8 +85,10 @@ def shoprank_daily_update():
         settings = task_settings()
         lineage = lineage_from_context(ctx)
         lineage = type(lineage)(**{**lineage.__dict__, "key": f"{DAG_ID}/{_day()}"})
-        params = {"epochs": 1, "max_steps": int(os.environ.get("SHOPRANK_DAILY_MAX_STEPS", "60")),
-                  "batch_size": 16, "lr": 2e-5}
+        steps = os.environ.get("SHOPRANK_DAILY_MAX_STEPS", "60") if manifest["mode"] == "warm" \
+            else os.environ.get("SHOPRANK_DAILY_FULL_MAX_STEPS", "300")
+        params = {"epochs": 1, "max_steps": int(steps), "batch_size": 16,
+                  "lr": 2e-5 if manifest["mode"] == "warm" else 5e-5}
         extra = {**manifest["label_params"], "daily.mode": manifest["mode"], "daily.mode_reason": manifest["mode_reason"],
                  "daily.replay_ratio": manifest["update_policy"]["replay_ratio"]}
         if manifest["mode"] == "warm":

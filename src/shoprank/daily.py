@@ -12,7 +12,7 @@ For a logical date D (one Airflow run per date):
    the same fixed golden test set.
 4. Mode: **warm start** from the current ``@champion`` weights (not its optimizer state), or
    a **full retrain** from the base model when there is no champion, when the day's data
-   drifted beyond the blocking threshold, or when the last full run is older than
+   drifted beyond the drift thresholds (``SHOPRANK_DRIFT_*``), or when the last full run is older than
    ``full_retrain_every_days``.
 
 Idempotency rule: everything for date D is keyed by D (``shoprank_daily_update/D``): the
@@ -82,14 +82,14 @@ def golden_snapshot(settings: Settings, storage: Storage) -> str:
     return latest_snapshot(storage)
 
 
-def choose_mode(settings: Settings, day: str, drift_blocking: bool, policy: UpdatePolicy) -> tuple[str, str]:
+def choose_mode(settings: Settings, day: str, drifted: bool, policy: UpdatePolicy) -> tuple[str, str]:
     from shoprank.registry import Registry
 
     champion = Registry(settings).version_by_alias("champion")
     if champion is None:
         return "full", "no champion yet"
-    if drift_blocking:
-        return "full", "the day's data drifted beyond the blocking threshold"
+    if drifted:
+        return "full", "the day's data drifted beyond the drift thresholds"
     last_full = champion.tags.get("last_full_retrain_date") or champion.tags.get("airflow.logical_date", "")[:10]
     if last_full:
         age = (dt.date.fromisoformat(day) - dt.date.fromisoformat(last_full[:10])).days
@@ -98,7 +98,7 @@ def choose_mode(settings: Settings, day: str, drift_blocking: bool, policy: Upda
     return "warm", f"warm start from champion version {champion.version}"
 
 
-def prepare_update(settings: Settings, storage: Storage, day: str, drift_blocking: bool = False,
+def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool = False,
                    policy: UpdatePolicy | None = None) -> dict:
     """Steps 2-4 of the module docstring; returns the daily snapshot manifest + decisions."""
     from shoprank.datasets import load_split
@@ -122,8 +122,12 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drift_blockin
     train_new, holdout = holdout_split(rows, policy.holdout_fraction, policy.seed)
     golden = golden_snapshot(settings, storage)
     replay = load_split(storage, golden, "train")
-    mixed = mix_with_replay(train_new, replay, policy.replay_ratio, policy.seed)
-    mode, reason = choose_mode(settings, day, drift_blocking, policy)
+    mode, reason = choose_mode(settings, day, drifted, policy)
+    if mode == "full":  # from the base model: all of the golden training data plus the new pairs
+        mixed = mix_with_replay(train_new, replay, 1.0 - len(train_new) / max(len(train_new) + len(replay), 1),
+                                policy.seed)
+    else:
+        mixed = mix_with_replay(train_new, replay, policy.replay_ratio, policy.seed)
     from shoprank.registry import Registry
 
     champion = Registry(settings).version_by_alias("champion")
