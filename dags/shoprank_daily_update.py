@@ -2,7 +2,7 @@
 
 One run per logical date D, processing the feedback of day D (it starts once D is over;
 catchup: missed days run in order, one at a time):
-validate_feedback -> prepare (labels, replay mix, warm/full decision) -> train (warm start
+validate_catalog (of day D, if delivered) -> validate_feedback -> prepare (labels, replay mix, warm/full decision) -> train (warm start
 from @champion) -> evaluate (golden test set + recent-feedback holdout) -> register ->
 gate -> auto-promote (if SHOPRANK_AUTO_PROMOTE and significant) or approve (HITL) -> promote.
 
@@ -43,6 +43,24 @@ def _day() -> str:
     doc_md=__doc__,
 )
 def shoprank_daily_update():
+    @task
+    def validate_catalog() -> dict:
+        """The day's catalogue first (new products appear daily): feedback is checked against it."""
+        from shoprank.validation import EmptyPartition, validate_partition
+        from shoprank.workflow import outcome_dict
+
+        day, storage = _day(), task_storage()
+        if day not in storage.list_partitions("raw", "catalog"):
+            print(f"no catalogue partition for {day}: feedback is checked against the latest validated one")
+            return {"dataset": "catalog", "date": day, "status": "absent"}
+        try:
+            outcome = validate_partition(storage, "catalog", day, run_id=get_current_context()["ti"].run_id)
+        except EmptyPartition as exc:
+            print(f"empty catalogue partition for {day} ({exc}); using the latest validated one")
+            return {"dataset": "catalog", "date": day, "status": "empty"}
+        print(outcome.summary())
+        return outcome_dict(outcome, "catalog", day)
+
     @task
     def validate_feedback() -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
@@ -119,6 +137,7 @@ def shoprank_daily_update():
         return register_model(task_settings(), task_storage(), trained, evaluated, lineage, extra_tags=tags)
 
     validated = validate_feedback()
+    validate_catalog() >> validated
     manifest = prepare(validated)
     trained = train(manifest, validated)
     evaluated = evaluate(trained, manifest)

@@ -114,6 +114,7 @@ def test_daily_update_warm_starts_from_champion_and_is_idempotent(airflow, airfl
 
     run_id, final, states = _daily_run(airflow, day)
     assert final["state"] == "success", states
+    assert states["validate_catalog"] == "success"  # the day's catalogue (new products) came first
     new = registry.version_by_alias("champion").version
     assert new != champion
     tags = registry.tags(new)
