@@ -2,6 +2,8 @@
 Airflow connection `shoprank_s3` (real Airflow, SQLite metadata DB)."""
 
 import subprocess
+import uuid
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -19,10 +21,11 @@ def airflow_db(s3_server):
 
 
 def test_inventory_dag_reads_s3(airflow_db):
-    storage = Storage(airflow_db)
+    settings = replace(airflow_db, bucket=f"inv-{uuid.uuid4().hex[:10]}")  # nothing else writes here
+    storage = Storage(settings)
     storage.ensure_bucket()
     storage.write_partition(pd.DataFrame({"product_id": ["a", "b", "c"]}), "raw", "catalog", "2026-11-03")
-    env = airflow_env(airflow_db)
+    env = airflow_env(settings)
     assert "AWS_SECRET_ACCESS_KEY" not in env  # credentials travel in the connection only
     proc = subprocess.run([venv_bin("airflow"), "dags", "test", "shoprank_inventory"], env=env,
                           capture_output=True, text=True, timeout=300)
