@@ -112,7 +112,8 @@ def run_demo(days: int = 3, products: int = 1500, queries: int = 200, keep_runni
           f"(delta 95% CI [{float(tags.get('delta_ndcg_at_10_vs_bm25_lo', 'nan')):+.4f}, "
           f"{float(tags.get('delta_ndcg_at_10_vs_bm25_hi', 'nan')):+.4f}])")
     trajectory = [(day0.isoformat(), "train", champion.version, float(tags["ndcg_at_10"]))]
-    trajectory += daily_loop(client, settings, storage, registry, day0, days)
+    daily, problems = daily_loop(client, settings, storage, registry, day0, days)
+    trajectory += daily
     print("\n== NDCG@10 of the champion on the golden test set, day by day")
     print(f"   {'date':<12}{'step':<22}{'champion':<10}{'NDCG@10':>8}")
     for day, step, version, ndcg in trajectory:
@@ -125,6 +126,9 @@ def run_demo(days: int = 3, products: int = 1500, queries: int = 200, keep_runni
     print(f"  Registered model: {settings.mlflow_tracking_uri}/#/models/{settings.registered_model}")
     if not keep_running:
         stack.down()
+    if problems:
+        print("\nthe demo found problems:\n- " + "\n- ".join(problems))
+        return 1
     return 0
 
 
@@ -151,10 +155,12 @@ def daily_run(client: AirflowClient, day: dt.date, progress=print) -> tuple[str,
     raise TimeoutError(f"{DAILY_DAG} for {day} did not finish in an hour")
 
 
-def daily_loop(client: AirflowClient, settings, storage: Storage, registry, day0: dt.date, days: int) -> list:
+def daily_loop(client: AirflowClient, settings, storage: Storage, registry, day0: dt.date,
+               days: int) -> tuple[list, list[str]]:
+    """(trajectory rows, problems): a failed daily run or a corrupted day that got through."""
     from shoprank.simulation import simulate_and_write
 
-    out = []
+    out, problems = [], []
     for i in range(1, days + 1):
         day = day0 + dt.timedelta(days=i)
         sim = simulate_and_write(settings, day, n_sessions=60, seed=i, ranker="champion")
@@ -164,6 +170,8 @@ def daily_loop(client: AirflowClient, settings, storage: Storage, registry, day0
         tags = registry.tags(champion.version)
         step = f"daily ({states.get('promote') or states.get('auto_promote') or run['state']})"
         print(f"   {DAILY_DAG} {day}: {run['state']}; champion v{champion.version}")
+        if run["state"] != "success":
+            problems.append(f"{DAILY_DAG} for {day} ended {run['state']}: {states}")
         out.append((day.isoformat(), step, champion.version, float(tags["ndcg_at_10"])))
     # a corrupted day: quarantined, the model does not change
     bad_day = day0 + dt.timedelta(days=days + 1)
@@ -179,6 +187,8 @@ def daily_loop(client: AirflowClient, settings, storage: Storage, registry, day0
     quarantined = storage.list_keys(f"quarantine/feedback/dt={bad_day.isoformat()}/")
     print(f"   {DAILY_DAG} {bad_day}: {run['state']} (validate_feedback={states.get('validate_feedback')}); "
           f"champion v{before} -> v{after}; {len(quarantined)} objects in quarantine/feedback/dt={bad_day}/")
+    if run["state"] != "failed" or states.get("validate_feedback") != "failed" or not quarantined or after != before:
+        problems.append(f"the corrupted day {bad_day} was not stopped by validation: {states}")
     out.append((bad_day.isoformat(), "corrupted: quarantined", after,
                 float(registry.tags(after)["ndcg_at_10"])))
-    return out
+    return out, problems
