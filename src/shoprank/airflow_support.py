@@ -44,15 +44,6 @@ def task_storage(conn_id: str = S3_CONN_ID):
     return Storage(task_settings(conn_id))
 
 
-def subprocess_env(settings: Settings) -> dict[str, str]:
-    """Environment for a child process (training, torchrun) of a task: settings + creds."""
-    import os
-
-    env = dict(os.environ)
-    env.update(settings.as_env())
-    return env
-
-
 def lineage_from_context(context: dict) -> "Lineage":
     from shoprank.workflow import Lineage
 

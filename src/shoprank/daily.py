@@ -29,7 +29,6 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 
-import pandas as pd
 
 from shoprank.config import Settings
 from shoprank.storage import Storage, dataset_prefix
@@ -168,7 +167,3 @@ def champion_init_dir(settings: Settings, workdir: str) -> tuple[str, str]:
     if champion is None:
         raise RuntimeError("warm start needs a champion, and there is none")
     return download_weights(settings, f"models:/{registry.name}/{champion.version}", workdir), champion.version
-
-
-def recent_rows(storage: Storage, manifest: dict) -> pd.DataFrame:
-    return storage.read_parquet(manifest["recent_holdout_key"])
