@@ -76,7 +76,7 @@ def shoprank_daily_update():
             raise AirflowSkipException(f"no feedback for {day}: {exc}") from None
         result = outcome_dict(outcome, "feedback", day)
         # drift beyond the thresholds (in the default "warn" mode) switches the day to a full retrain
-        result["drifted"] = [m.name for m in outcome.drift.drifted] if outcome.drift else []
+        result["drifted"] = list((outcome.drift or {}).get("drifted_metrics", []))
         print(outcome.summary())
         return result
 

@@ -499,10 +499,16 @@ class Stack:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+        # reap it when it is our child (a process started by another `shoprank` is reaped by init)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            time.sleep(0.1)
         path.unlink(missing_ok=True)
         return True
 
