@@ -115,9 +115,9 @@ def run_demo(days: int = 3, products: int = 1500, queries: int = 200, keep_runni
     daily, problems = daily_loop(client, settings, storage, registry, day0, days)
     trajectory += daily
     print("\n== NDCG@10 of the champion on the golden test set, day by day")
-    print(f"   {'date':<12}{'step':<22}{'champion':<10}{'NDCG@10':>8}")
+    print(f"   {'date':<12}{'step':<26}{'champion':<10}{'NDCG@10':>8}")
     for day, step, version, ndcg in trajectory:
-        print(f"   {day:<12}{step:<22}{'v' + str(version):<10}{ndcg:>8.4f}")
+        print(f"   {day:<12}{step:<26}{'v' + str(version):<10}{ndcg:>8.4f}")
     from shoprank.cli import print_urls
 
     print_urls(stack)
@@ -168,7 +168,8 @@ def daily_loop(client: AirflowClient, settings, storage: Storage, registry, day0
         run_id, run, states = daily_run(client, day)
         champion = registry.version_by_alias("champion")
         tags = registry.tags(champion.version)
-        step = f"daily ({states.get('promote') or states.get('auto_promote') or run['state']})"
+        promoted = "success" in (states.get("promote"), states.get("auto_promote"))
+        step = "daily: promoted" if promoted else "daily: not promoted"
         print(f"   {DAILY_DAG} {day}: {run['state']}; champion v{champion.version}")
         if run["state"] != "success":
             problems.append(f"{DAILY_DAG} for {day} ended {run['state']}: {states}")
