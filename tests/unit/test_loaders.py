@@ -277,18 +277,9 @@ def test_homedepot_malformed(tmp_path):
 
 # ---- writing and CLI -----------------------------------------------------------------------
 
-class FakeStorage:
-    def __init__(self) -> None:
-        self.partitions: dict[tuple[str, str, str], pd.DataFrame] = {}
-
-    def write_partition(self, df, zone, dataset, day):
-        self.partitions[(zone, dataset, str(day))] = df.copy()
-        return [f"{zone}/{dataset}/dt={day}/part-00000.parquet"]
-
-
-def test_write_loaded_writes_three_raw_partitions(tmp_path):
+def test_write_loaded_writes_three_raw_partitions(tmp_path, recording_storage):
     data = load_wands(_wands(tmp_path), as_of=AS_OF)
-    storage = FakeStorage()
+    storage = recording_storage
     keys = write_loaded(storage, data, dt.date(2026, 11, 1))
     assert set(keys) == {"catalog", "judgments", "queries"}
     assert set(storage.partitions) == {("raw", d, "2026-11-01") for d in ("catalog", "judgments", "queries")}

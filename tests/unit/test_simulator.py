@@ -27,16 +27,6 @@ N = 150
 BOTS = 0.04
 
 
-class FakeStorage:
-    def __init__(self) -> None:
-        self.partitions: dict[tuple[str, str, str], pd.DataFrame] = {}
-
-    def write_partition(self, df, zone, dataset, day):
-        day = day.isoformat() if hasattr(day, "isoformat") else str(day)
-        self.partitions[(zone, dataset, day)] = df.copy()
-        return [f"{zone}/{dataset}/dt={day}/part-00000.parquet"]
-
-
 @pytest.fixture(scope="module")
 def mp():
     return generate_marketplace(seed=11)
@@ -179,8 +169,8 @@ def test_bad_rank_fn_is_rejected(mp):
         simulate_day(mp, DAY, lambda q, c: np.full(len(c), np.nan), n_sessions=2, hmac_key=KEY)
 
 
-def test_write_day(mp, random_events):
-    st = FakeStorage()
+def test_write_day(mp, random_events, recording_storage):
+    st = recording_storage
     keys = write_day(st, mp, DAY, random_events)
     assert keys == [f"raw/feedback/dt={DAY.isoformat()}/part-00000.parquet"]
     out = st.partitions[("raw", "feedback", DAY.isoformat())]

@@ -22,18 +22,6 @@ from shoprank.data.synthetic import (
 START = dt.date(2026, 11, 1)
 
 
-class FakeStorage:
-    """Records write_partition calls (the real Storage needs S3)."""
-
-    def __init__(self) -> None:
-        self.partitions: dict[tuple[str, str, str], pd.DataFrame] = {}
-
-    def write_partition(self, df, zone, dataset, day):
-        day = day.isoformat() if hasattr(day, "isoformat") else str(day)
-        self.partitions[(zone, dataset, day)] = df.copy()
-        return [f"{zone}/{dataset}/dt={day}/part-00000.parquet"]
-
-
 @pytest.fixture(scope="module")
 def mp():
     return generate_marketplace()  # default size: 2000 products, 300 queries
@@ -185,8 +173,8 @@ def test_cold_start_catalog_grows(mp):
     assert 0.1 < 1 - sizes[1] / len(mp.catalog) < 0.3  # ~20% of products are new
 
 
-def test_write_to_storage(mp):
-    st = FakeStorage()
+def test_write_to_storage(mp, recording_storage):
+    st = recording_storage
     day = START + dt.timedelta(days=3)
     written = mp.write_to_storage(st, day)
     assert set(written) == {"catalog", "judgments", "queries"}
