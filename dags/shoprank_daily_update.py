@@ -15,6 +15,7 @@ date's training and model version (see shoprank.daily). Backfill a range with
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pendulum
 from airflow.sdk import dag, get_current_context, task
@@ -101,8 +102,7 @@ def shoprank_daily_update():
 
         ctx = get_current_context()
         settings = task_settings()
-        lineage = lineage_from_context(ctx)
-        lineage = type(lineage)(**{**lineage.__dict__, "key": f"{DAG_ID}/{_day()}"})
+        lineage = replace(lineage_from_context(ctx), key=f"{DAG_ID}/{_day()}")
         steps = os.environ.get("SHOPRANK_DAILY_MAX_STEPS", "60") if manifest["mode"] == "warm" \
             else os.environ.get("SHOPRANK_DAILY_FULL_MAX_STEPS", "300")
         params = {"epochs": 1, "max_steps": int(steps), "batch_size": 16,
@@ -128,8 +128,7 @@ def shoprank_daily_update():
         from shoprank.daily import DAG_ID
         from shoprank.workflow import register_model
 
-        lineage = lineage_from_context(get_current_context())
-        lineage = type(lineage)(**{**lineage.__dict__, "key": f"{DAG_ID}/{_day()}"})
+        lineage = replace(lineage_from_context(get_current_context()), key=f"{DAG_ID}/{_day()}")
         day = _day()
         tags = {"golden_snapshot": manifest["golden_snapshot"], "daily.date": day, "daily.mode": manifest["mode"],
                 "last_full_retrain_date": day if manifest["mode"] == "full" else

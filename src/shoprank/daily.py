@@ -64,11 +64,6 @@ class NotEnoughSignal(RuntimeError):
     """The day's feedback produced too few labelled pairs to train on (the DAG skips)."""
 
 
-def _latest_on_or_before(storage: Storage, dataset: str, day: str) -> str | None:
-    days = [d for d in storage.list_partitions("validated", dataset) if d <= day]
-    return days[-1] if days else None
-
-
 def golden_snapshot(settings: Settings, storage: Storage) -> str:
     """The snapshot whose test split is the fixed yardstick: the champion's, else the latest."""
     from shoprank.datasets import latest_snapshot
@@ -108,11 +103,11 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
     params = LabelParams()
     result = derive_labels(events, params)
     storage.write_parquet(result.pairs, f"derived/labels/dt={day}/pairs.parquet")
-    cat_day = _latest_on_or_before(storage, "catalog", day)
+    cat_day = storage.latest_partition("validated", "catalog", day)
     if cat_day is None:
         raise NotEnoughSignal(f"no validated catalogue on or before {day}: cannot attach product text")
     catalog = storage.read_partition("validated", "catalog", cat_day)
-    q_day = _latest_on_or_before(storage, "queries", day)
+    q_day = storage.latest_partition("validated", "queries", day)
     queries = storage.read_partition("validated", "queries", q_day) if q_day else None
     rows = to_training_rows(result.pairs, catalog, queries)
     if len(rows) < policy.min_pairs:

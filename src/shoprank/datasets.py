@@ -135,16 +135,14 @@ def _sampled_negatives(test: pd.DataFrame, products: pd.DataFrame, texts: pd.Ser
 
 
 def _latest(storage: Storage, zone: str, dataset: str, day: str | None) -> str:
-    days = storage.list_partitions(zone, dataset)
-    if day is not None:
-        days = [d for d in days if d <= day]
-    if not days:
+    latest = storage.latest_partition(zone, dataset, day)
+    if latest is None:
         raise StorageError(
             f"no {zone} partition of {dataset!r} in s3://{storage.bucket}/{zone}/{dataset}/"
             + (f" on or before {day}" if day else "")
             + ": run validation first (shoprank validate / the train DAG's validate tasks)"
         )
-    return days[-1]
+    return latest
 
 
 def build_snapshot(storage: Storage, params: SnapshotParams = SnapshotParams(), day: str | dt.date | None = None,

@@ -202,6 +202,11 @@ class Storage:
                 days.add(key[len(prefix) :].split("/", 1)[0])
         return sorted(days)
 
+    def latest_partition(self, zone: str, dataset: str, on_or_before: str | None = None) -> str | None:
+        """Newest complete partition date of a dataset (on or before a date), or None."""
+        days = [d for d in self.list_partitions(zone, dataset) if on_or_before is None or d <= on_or_before]
+        return days[-1] if days else None
+
     def copy(self, src_key: str, dst_key: str) -> None:
         try:
             self._s3.copy_object(Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key})

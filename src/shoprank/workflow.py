@@ -78,15 +78,13 @@ def validate_latest(storage: Storage, dataset: str, run_id: str, on_or_before: s
     """Validate the newest raw partition of ``dataset`` (on or before a date)."""
     from shoprank.validation import validate_partition
 
-    days = storage.list_partitions("raw", dataset)
-    if on_or_before:
-        days = [d for d in days if d <= on_or_before]
-    if not days:
+    day = storage.latest_partition("raw", dataset, on_or_before or None)
+    if day is None:
         raise StepError(f"no raw partition of {dataset!r} under s3://{storage.bucket}/raw/{dataset}/"
                         + (f" on or before {on_or_before}" if on_or_before else "")
                         + ": drop your files there (see README 'Bring your own data') or run `shoprank generate`")
-    outcome = validate_partition(storage, dataset, days[-1], run_id=run_id)
-    return outcome_dict(outcome, dataset, days[-1])
+    outcome = validate_partition(storage, dataset, day, run_id=run_id)
+    return outcome_dict(outcome, dataset, day)
 
 
 def outcome_dict(outcome: Any, dataset: str, day: str) -> dict:
