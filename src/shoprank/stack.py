@@ -167,8 +167,11 @@ def ensure_stack_env(settings: Settings) -> dict[str, str]:
     return merged
 
 
-def secret(settings: Settings, name: str) -> str:
-    value = os.environ.get(name) or ensure_stack_env(settings).get(name)
+def secret(settings: Settings, name: str, default: str | None = None,
+           stack_env: dict[str, str] | None = None) -> str:
+    """A stack value: the environment first, then stack.env (pass ``stack_env`` to reuse one read)."""
+    value = os.environ.get(name) or (stack_env if stack_env is not None else ensure_stack_env(settings)).get(name) \
+        or default
     if not value:
         raise StackError(f"{name} is not set")
     return value
@@ -186,6 +189,11 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
         "extra": {"endpoint_url": settings.s3_endpoint_url, "region_name": settings.aws_region},
     }
     api = f"http://127.0.0.1:{settings.airflow_port}"
+    stack_env = ensure_stack_env(settings)  # read stack.env once, not once per value
+
+    def value(name: str, default: str | None = None) -> str:
+        return secret(settings, name, default, stack_env)
+
     env = dict(os.environ)
     # Credentials reach Airflow code through the connection, not through AWS_* variables.
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -199,7 +207,7 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__CORE__FERNET_KEY": secret(settings, "SHOPRANK_AIRFLOW_FERNET_KEY"),
+            "AIRFLOW__CORE__FERNET_KEY": value("SHOPRANK_AIRFLOW_FERNET_KEY"),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
@@ -209,8 +217,8 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
             "AIRFLOW__API__PORT": str(settings.airflow_port),
             "AIRFLOW__API__BASE_URL": api,
             "AIRFLOW__API__WORKERS": "1",
-            "AIRFLOW__API__SECRET_KEY": secret(settings, "SHOPRANK_AIRFLOW_JWT_SECRET"),
-            "AIRFLOW__API_AUTH__JWT_SECRET": secret(settings, "SHOPRANK_AIRFLOW_JWT_SECRET"),
+            "AIRFLOW__API__SECRET_KEY": value("SHOPRANK_AIRFLOW_JWT_SECRET"),
+            "AIRFLOW__API_AUTH__JWT_SECRET": value("SHOPRANK_AIRFLOW_JWT_SECRET"),
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(settings.airflow_port + 1),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(settings.airflow_port + 2),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
@@ -224,9 +232,8 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
             "SHOPRANK_S3_PORT": str(settings.s3_port),
             "SHOPRANK_MLFLOW_PORT": str(settings.mlflow_port),
             "SHOPRANK_AIRFLOW_PORT": str(settings.airflow_port),
-            "SHOPRANK_DAILY_START_DATE": secret(settings, "SHOPRANK_DAILY_START_DATE"),
-            "SHOPRANK_DAILY_CATCHUP": os.environ.get("SHOPRANK_DAILY_CATCHUP")
-            or ensure_stack_env(settings).get("SHOPRANK_DAILY_CATCHUP", "true"),
+            "SHOPRANK_DAILY_START_DATE": value("SHOPRANK_DAILY_START_DATE"),
+            "SHOPRANK_DAILY_CATCHUP": value("SHOPRANK_DAILY_CATCHUP", "true"),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",
@@ -235,7 +242,7 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
     if extra:
         env.update(extra)
     passwords = home / "passwords.json"
-    passwords.write_text(json.dumps({"admin": secret(settings, "SHOPRANK_AIRFLOW_ADMIN_PASSWORD")}))
+    passwords.write_text(json.dumps({"admin": value("SHOPRANK_AIRFLOW_ADMIN_PASSWORD")}))
     passwords.chmod(0o600)
     return env
 
