@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 PIP_INSTALL := $(BIN)/python -m pip install --progress-bar off --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast up down status bench clean-stack
+.PHONY: install system-deps demo test test-fast up down status bench clean-stack
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,16 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 demo: install
 	$(BIN)/shoprank demo
 
+# Debian packages the test suite needs: redis-server (broker for the Celery-executor tests).
+# The demo does not need them. Installs with apt-get when missing (root, or sudo).
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing redis-server (Debian) for the Celery tests"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
 # All tests: unit (seconds) + integration/e2e against real servers (minutes).
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
