@@ -41,7 +41,11 @@ TRAIN_QUEUE = os.environ.get("SHOPRANK_TRAIN_QUEUE", "default")
         "accelerator": Param("auto", type="string", enum=["auto", "cpu", "gpu"], title="Accelerator"),
         "devices": Param(1, type="integer", minimum=1, maximum=64, title="Devices per node",
                          description="> 1 launches torchrun with one process per device (DDP)"),
-        "num_nodes": Param(1, type="integer", minimum=1, maximum=64, title="Nodes"),
+        "num_nodes": Param(1, type="integer", minimum=1, maximum=64, title="Nodes",
+                           description="> 1: multi-node torchrun; needs SHOPRANK_RDZV_ENDPOINT (docs/distributed.md)"),
+        "precision": Param("auto", type="string",
+                           enum=["auto", "32-true", "bf16-mixed", "16-mixed"], title="Precision",
+                           description="auto = bf16-mixed (or 16-mixed) on GPU, 32-true on CPU"),
         "snapshot": Param("", type="string", title="Data snapshot",
                           description="empty = build one from the latest validated data"),
         "data_date": Param("", type="string", title="Data date (YYYY-MM-DD)",
@@ -75,7 +79,7 @@ def shoprank_train():
         ctx = get_current_context()
         p = ctx["params"]
         params = {k: p[k] for k in ("base_model", "epochs", "max_steps", "lr", "batch_size", "max_length", "loss",
-                                    "accelerator", "devices", "num_nodes")}
+                                    "accelerator", "devices", "num_nodes", "precision")}
         docs = [v["data_docs"] for v in validated if v.get("data_docs")]
         return train_model(task_settings(), snap, params, lineage_from_context(ctx), data_docs=docs)
 

@@ -264,8 +264,10 @@ class Service:
 class Stack:
     """Start, check and stop the embedded services for one ``Settings``."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, airflow_extra_env: dict[str, str] | None = None):
         self.settings = settings
+        # extra env for every Airflow process (e.g. CeleryExecutor settings in tests)
+        self.airflow_extra_env = dict(airflow_extra_env or {})
         self.run_dir = settings.home / "run"
         self.log_dir = settings.home / "logs"
 
@@ -358,7 +360,7 @@ class Stack:
 
     def airflow_services(self) -> list[Service]:
         s = self.settings
-        env = airflow_env(s)
+        env = airflow_env(s, self.airflow_extra_env)
         airflow = venv_bin("airflow")
         api = f"http://127.0.0.1:{s.airflow_port}"
 
@@ -385,6 +387,31 @@ class Stack:
                     component_healthy("triggerer"), 180,
                     setting_for_port={s.airflow_port + 2: "SHOPRANK_AIRFLOW_PORT (+2, trigger log server)"}),
         ]
+
+    def celery_worker_service(self, queue: str, worker_name: str, concurrency: int = 1) -> Service:
+        """``airflow celery worker --queues QUEUE`` named ``worker_name`` (needs a CeleryExecutor env).
+
+        The worker's task instances record ``worker_name`` as hostname (via
+        :func:`shoprank.training.worker.worker_hostname`), so several workers on one host differ.
+        """
+        log_port = free_port()
+        env = airflow_env(self.settings, {
+            **self.airflow_extra_env,
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_port),
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "shoprank.training.worker.worker_hostname",
+            "SHOPRANK_WORKER_NAME": worker_name,
+        })
+        name = f"airflow-worker-{worker_name}"
+        argv = [venv_bin("airflow"), "celery", "worker", "--queues", queue, "--concurrency", str(concurrency),
+                "--celery-hostname", f"{worker_name}@%h", "--without-gossip", "--without-mingle"]
+
+        def healthy() -> bool:  # celery logged "<worker_name>@<host> ready." since this start
+            path = self.log_path(name)
+            text = path.read_text(errors="replace") if path.exists() else ""
+            current = text.rsplit(f"starting {name}\n", 1)[-1]
+            return f"{worker_name}@" in current and " ready." in current
+
+        return Service(name, argv, env, [log_port], healthy, 180)
 
     def services(self, names: tuple[str, ...] = SERVICES) -> list[Service]:
         out: list[Service] = []
@@ -445,7 +472,7 @@ class Stack:
         )
 
     def migrate_airflow(self) -> None:
-        env = airflow_env(self.settings)
+        env = airflow_env(self.settings, self.airflow_extra_env)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path("airflow-db-migrate"), "ab") as logfile:
             rc = subprocess.call([venv_bin("airflow"), "db", "migrate"], env=env, stdout=logfile,

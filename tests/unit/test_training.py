@@ -124,6 +124,57 @@ def test_build_command_plain_and_torchrun():
         build_command("c.json", nproc_per_node=1, nnodes=2)
 
 
+def test_build_command_multi_node_and_launch_options():
+    cmd = build_command("c.json", nproc_per_node=4, nnodes=2, rdzv_endpoint="10.0.0.5:29400", rdzv_id="job-1",
+                        node_rank=1, python="py")
+    assert cmd[:5] == ["py", "-m", "torch.distributed.run", "--nproc_per_node=4", "--nnodes=2"]
+    assert {"--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.5:29400", "--rdzv_id=job-1", "--node_rank=1"} <= set(cmd)
+    assert "--standalone" not in cmd and cmd[-4:] == ["-m", "shoprank.training", "--config-json", "c.json"]
+    with pytest.raises(TrainConfigError, match=">= 1"):
+        build_command("c.json", nproc_per_node=0)
+
+    from shoprank.training import launch_options
+
+    cfg = TrainConfig(devices=2, num_nodes=2, run_key="shoprank_train/manual__2026-11-23T00:00:00+00:00")
+    env = {"SHOPRANK_RDZV_ENDPOINT": "head:29400", "SHOPRANK_NODE_RANK": "0"}
+    opts = launch_options(cfg, env)
+    assert opts == {"nproc_per_node": 2, "nnodes": 2, "rdzv_endpoint": "head:29400", "node_rank": 0,
+                    "rdzv_id": "shoprank_train-manual__2026-11-23T00-00-00-00-00"}
+    # the config wins over the environment; no endpoint anywhere -> a clear error from build_command
+    cfg2 = TrainConfig(devices=1, num_nodes=2, rdzv_endpoint="10.1.1.1:1234", rdzv_id="abc")
+    assert launch_options(cfg2, env)["rdzv_endpoint"] == "10.1.1.1:1234" and launch_options(cfg2, env)["rdzv_id"] == "abc"
+    with pytest.raises(TrainConfigError, match="SHOPRANK_RDZV_ENDPOINT"):
+        build_command("c.json", **launch_options(TrainConfig(num_nodes=2), {}))
+    with pytest.raises(TrainConfigError, match="SHOPRANK_NODE_RANK"):
+        launch_options(cfg, {"SHOPRANK_NODE_RANK": "5"})
+    assert launch_options(TrainConfig(devices=3), {})["nnodes"] == 1
+
+
+def test_precision_and_launch_fields_are_validated():
+    assert TrainConfig(precision="auto").precision is None
+    assert TrainConfig(precision="bf16-mixed").precision == "bf16-mixed"
+    with pytest.raises(TrainConfigError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(TrainConfigError, match="accelerator"):
+        TrainConfig(accelerator="tpu-v9")
+    with pytest.raises(TrainConfigError, match="rdzv_endpoint"):
+        TrainConfig(num_nodes=2, rdzv_endpoint="no-port")
+    with pytest.raises(TrainConfigError, match="node_rank"):
+        TrainConfig(num_nodes=2, node_rank=2)
+    assert TrainConfig(batch_size=16, devices=4, num_nodes=2).global_batch_size == 128
+
+
+def test_worker_hostname_for_airflow(monkeypatch):
+    import socket
+
+    from shoprank.training.worker import worker_hostname
+
+    monkeypatch.setenv("SHOPRANK_WORKER_NAME", "gpu-node-1")
+    assert worker_hostname() == "gpu-node-1"
+    monkeypatch.delenv("SHOPRANK_WORKER_NAME")
+    assert worker_hostname() == socket.getfqdn()
+
+
 def test_entrypoint_rejects_bad_config(tmp_path):
     from shoprank.training.run import main
 
@@ -348,3 +399,61 @@ def test_torchrun_ddp_on_cpu(tmp_path, tiny_dir):
     assert result["global_step"] == 2 * 25  # 200 pairs / 2 ranks / batch 4, two epochs
     assert result["train_pairs"] == 2 * 200 and len(result["val_history"]) == 2
     assert (Path(cfg.output_dir) / "model.safetensors").exists()
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path, tokenizer):
+    """DDP over 2 CPU processes x batch 4 == 1 process x batch 8: same batches, same weights.
+
+    The sampler gives rank r the units ``order[r::2]`` of the epoch's permutation, so step b
+    of the two ranks together covers exactly ``order[8b:8b+8]``, the single process's batch b;
+    DDP averages the two per-rank mean losses' gradients = the gradient of the 8-pair mean.
+    Dropout is off in this tiny model (its random masks could not match across layouts).
+    A third run with another global batch (1 x 4) must differ far more than the tolerance.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(3)
+    base = tmp_path / "nodropout"
+    BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    toy_pairs(32, 4).to_parquet(tmp_path / "train.parquet")  # 128 pairs: 16 steps of 8, no padding
+    toy_pairs(8, 4, seed=1).to_parquet(tmp_path / "val.parquet")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(name: str, nproc: int, batch_size: int) -> tuple[dict, dict[str, torch.Tensor]]:
+        cfg = base_config(tmp_path / name, base_model=str(base), epochs=1, batch_size=batch_size, devices=nproc,
+                          num_threads=1, early_stopping_patience=0, checkpoint_every_n_steps=0, lr=2e-3,
+                          accelerator="cpu", train_path=str(tmp_path / "train.parquet"),
+                          val_path=str(tmp_path / "val.parquet"))
+        cmd = build_command(cfg.to_json(tmp_path / name / "config.json"), nproc_per_node=nproc)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(Path(cfg.result_json).read_text()), _weights(Path(cfg.output_dir))
+
+    one, w1 = run("one", 1, 8)
+    two, w2 = run("two", 2, 4)
+    other, w3 = run("other", 1, 4)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["global_step"] == two["global_step"] == 16 and other["global_step"] == 32
+    assert one["train_pairs"] == two["train_pairs"] == 128
+
+    init = _weights(base)
+    moved = max(float((w1[k] - init[k]).abs().max()) for k in w1)
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    diff_other = max(float((w1[k] - w3[k]).abs().max()) for k in w1)
+    print(f"max |w| change from init {moved:.3g}; 1 vs 2 procs {diff:.3g}; 1x8 vs 1x4 {diff_other:.3g}")
+    assert moved > 1e-3  # training did move the weights
+    assert diff < 1e-5, diff  # float reduction order only (measured ~3e-7)
+    assert diff_other > 20 * max(diff, 1e-5)
+    v1, v2 = one["val_history"][-1]["val_ndcg_at_10"], two["val_history"][-1]["val_ndcg_at_10"]
+    assert v1 == pytest.approx(v2, abs=1e-4)

@@ -5,6 +5,7 @@ Public API::
     TrainConfig                      options of a run (JSON round-trip)
     train(config, ...) -> TrainResult
     build_command(config_path, nproc_per_node=1, nnodes=1, ...) -> argv for subprocess/torchrun
+    launch_options(config) -> build_command kwargs (config, then SHOPRANK_RDZV_* env)
     RankingDataModule, CrossEncoderModule, pointwise_loss, listwise_loss, split_by_query
 
 Heavy imports (torch, lightning, transformers) happen on first attribute access, so importing
@@ -22,6 +23,7 @@ _LAZY = {
     "train": "shoprank.training.run",
     "TrainResult": "shoprank.training.run",
     "build_command": "shoprank.training.run",
+    "launch_options": "shoprank.training.run",
     "build_trainer": "shoprank.training.run",
     "load_splits": "shoprank.training.run",
     "resolve_precision": "shoprank.training.run",

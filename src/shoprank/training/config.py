@@ -15,6 +15,9 @@ from typing import Any, Mapping
 from shoprank.config import DEFAULT_BASE_MODEL, Settings
 
 LOSSES = ("pointwise", "listwise")
+# Lightning precision names the form offers; None (or "auto") picks bf16/16-mixed on CUDA, 32 on CPU
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 class TrainConfigError(ValueError):
@@ -52,7 +55,12 @@ class TrainConfig:
     accelerator: str = "auto"  # auto | cpu | gpu | cuda
     devices: int = 1  # per node; under torchrun taken from LOCAL_WORLD_SIZE
     num_nodes: int = 1
-    precision: str | None = None  # None: bf16-mixed/16-mixed on CUDA, 32-true on CPU
+    precision: str | None = None  # None / "auto": bf16-mixed/16-mixed on CUDA, 32-true on CPU
+    # multi-node launch (read by the launcher, not by the training processes; env fallbacks
+    # SHOPRANK_RDZV_ENDPOINT / SHOPRANK_RDZV_ID / SHOPRANK_NODE_RANK, see run.launch_options)
+    rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous, reachable from every node
+    rdzv_id: str | None = None  # same on every node of one job; default: derived from run_key
+    node_rank: int | None = None  # optional with c10d (ranks are assigned at rendezvous)
     num_threads: int | None = None  # torch intra-op threads per process; None: cores / local ranks
     num_workers: int = 0  # DataLoader workers (tokenisation is done up front, 0 is usually right)
     # validation / checkpoints
@@ -129,6 +137,17 @@ class TrainConfig:
                 raise TrainConfigError(msg)
 
         need(self.loss in LOSSES, f"loss={self.loss!r}: choose one of {LOSSES}")
+        if self.precision in ("", "auto"):
+            self.precision = None
+        need(self.precision is None or str(self.precision) in PRECISIONS,
+             f"precision={self.precision!r}: choose 'auto' or one of {PRECISIONS}")
+        need(self.accelerator in ACCELERATORS, f"accelerator={self.accelerator!r}: choose one of {ACCELERATORS}")
+        if self.node_rank is not None:
+            need(0 <= self.node_rank < self.num_nodes,
+                 f"node_rank={self.node_rank}: must be in [0, num_nodes={self.num_nodes})")
+        if self.rdzv_endpoint:
+            need(_is_host_port(self.rdzv_endpoint),
+                 f"rdzv_endpoint={self.rdzv_endpoint!r}: expected host:port (e.g. 10.0.0.5:29400)")
         need(self.epochs >= 1, f"epochs={self.epochs}: must be >= 1")
         need(self.max_steps == -1 or self.max_steps >= 1, f"max_steps={self.max_steps}: -1 or >= 1")
         need(self.lr > 0, f"lr={self.lr}: must be > 0")
@@ -152,6 +171,16 @@ class TrainConfig:
             raise TrainConfigError("give either snapshot (S3) or train_path (local parquet), not both")
 
     @property
+    def global_batch_size(self) -> int:
+        """Pairs per optimizer step over all processes (per-device batch x devices x nodes)."""
+        return self.batch_size * self.devices * self.num_nodes
+
+    @property
     def queries_per_batch(self) -> int:
         """Listwise: how many query lists make one batch (at least one)."""
         return max(1, self.batch_size // self.list_size)
+
+
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)

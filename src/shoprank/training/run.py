@@ -38,7 +38,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
@@ -115,24 +115,61 @@ def build_command(
     nnodes: int = 1,
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "shoprank",
+    node_rank: int | None = None,
+    max_restarts: int = 0,
     python: str = sys.executable,
 ) -> list[str]:
     """argv for running training as a subprocess: plain Python for one process, else torchrun.
 
-    Multi-node runs need ``rdzv_endpoint`` (``host:port`` of the rendezvous, c10d backend);
-    the same command is started on every node.
+    One node: ``torchrun --standalone --nproc_per_node=N``.  Several nodes: the *same*
+    command on every node, ``--nnodes=M --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT
+    --rdzv_id=ID`` (``node_rank`` is optional with c10d: ranks are assigned at rendezvous;
+    give it to pin rank 0, the one that logs and checkpoints, to a node).
     """
     entry = ["-m", "shoprank.training", "--config-json", str(config_path)]
+    if nproc_per_node < 1 or nnodes < 1:
+        raise TrainConfigError(f"nproc_per_node={nproc_per_node} and nnodes={nnodes} must be >= 1")
     if nproc_per_node * nnodes <= 1:
         return [python, *entry]
     cmd = [python, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}"]
     if nnodes > 1:
         if not rdzv_endpoint:
-            raise TrainConfigError("multi-node training needs rdzv_endpoint (host:port reachable by all nodes)")
+            raise TrainConfigError(
+                "multi-node training needs rdzv_endpoint (host:port reachable by all nodes): "
+                "set it in the config or SHOPRANK_RDZV_ENDPOINT"
+            )
         cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
+        if node_rank is not None:
+            cmd.append(f"--node_rank={node_rank}")
     else:
         cmd += ["--standalone"]
+    if max_restarts:
+        cmd.append(f"--max_restarts={max_restarts}")
     return [*cmd, *entry]
+
+
+def launch_options(config: TrainConfig, environ: Mapping[str, str] | None = None,
+                   default_rdzv_id: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of :func:`build_command` for a config: the config first, then the env.
+
+    Env fallbacks (set them on the worker, e.g. in its compose service or pod spec):
+    ``SHOPRANK_RDZV_ENDPOINT`` (host:port), ``SHOPRANK_RDZV_ID``, ``SHOPRANK_NODE_RANK``.
+    """
+    env = os.environ if environ is None else environ
+    node_rank = config.node_rank
+    if node_rank is None and env.get("SHOPRANK_NODE_RANK", "").strip():
+        raw = env["SHOPRANK_NODE_RANK"].strip()
+        if not raw.isdigit() or int(raw) >= config.num_nodes:
+            raise TrainConfigError(f"SHOPRANK_NODE_RANK={raw!r}: must be an integer in [0, {config.num_nodes})")
+        node_rank = int(raw)
+    rdzv_id = config.rdzv_id or env.get("SHOPRANK_RDZV_ID") or default_rdzv_id or config.run_key or "shoprank"
+    return {
+        "nproc_per_node": config.devices,
+        "nnodes": config.num_nodes,
+        "rdzv_endpoint": config.rdzv_endpoint or env.get("SHOPRANK_RDZV_ENDPOINT") or None,
+        "rdzv_id": "".join(c if c.isalnum() or c in "-_." else "-" for c in rdzv_id),
+        "node_rank": node_rank,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -622,12 +659,35 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _config_from_s3(key: str) -> dict[str, Any]:
+    from shoprank.storage import Storage, StorageError
+
+    storage = Storage.from_env()
+    try:
+        values = json.loads(storage.get_bytes(key))
+    except StorageError as exc:
+        raise TrainConfigError(f"cannot read the training config {storage.uri(key)}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise TrainConfigError(f"{storage.uri(key)} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"{storage.uri(key)} must hold a JSON object")
+    return TrainConfig.from_dict(values).to_dict()
+
+
+def node_command(config_key: str, launch: dict[str, Any], python: str = "python") -> list[str]:
+    """What every *other* node of a multi-node run starts: the same torchrun, config from S3."""
+    cmd = build_command("-", python=python, **{**launch, "node_rank": None})
+    return [*cmd[: cmd.index("--config-json")], "--config-s3", config_key]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m shoprank.training",
         description="Train (or resume) the shoprank cross-encoder. Run as a subprocess or under torchrun.",
     )
     parser.add_argument("--config-json", help="JSON file with TrainConfig options")
+    parser.add_argument("--config-s3", metavar="KEY",
+                        help="the same, read from this key of the shoprank bucket (multi-node: the other nodes)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an option (value parsed as JSON when possible); repeatable")
     parser.add_argument("--log-level", default=os.environ.get("SHOPRANK_LOG_LEVEL", "INFO"))
@@ -639,6 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=level, stream=sys.stderr, force=True,
         format=f"%(asctime)s %(levelname)s [rank {dist.rank}] %(name)s: %(message)s",
     )
+    for handler in logging.root.handlers:  # libraries with their own INFO level too: ranks > 0 warn only
+        handler.setLevel(level)
     _route_library_logs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -646,6 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         values: dict[str, Any] = {}
         if args.config_json:
             values = TrainConfig.from_json(args.config_json).to_dict()
+        elif args.config_s3:
+            values = _config_from_s3(args.config_s3)
         values.update(_parse_overrides(args.set))
         if not values.get("mlflow_tracking_uri") and os.environ.get("MLFLOW_TRACKING_URI"):
             values["mlflow_tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
