@@ -104,12 +104,21 @@ class Registry:
                 self.name, description="shoprank cross-encoder ranker. Aliases: champion (serving), "
                                        "challenger (newest candidate), previous (rollback target).")
         model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
+        # tags travel with the create call: a version never exists without them (its
+        # ``airflow.run_key`` tag is what makes a retried registration find it instead of
+        # creating a duplicate when the server died half-way)
         mv = self.client.create_model_version(self.name, model_uri, run_id=run_id, description=description,
-                                              model_id=model_id)
-        for key, value in tags.items():
-            self.client.set_model_version_tag(self.name, mv.version, key, _tag_value(value))
+                                              model_id=model_id,
+                                              tags={k: _tag_value(v) for k, v in tags.items()})
         self._move(CHALLENGER, mv.version, actor="pipeline", reason="registered", extra={"run_id": run_id})
         return mv.version
+
+    def ensure_challenger(self, version: str, run_id: str = "") -> None:
+        """Point ``challenger`` at ``version`` unless it already points there or at a newer version."""
+        current = self.version_by_alias(CHALLENGER)
+        if current is None or int(current.version) < int(version):
+            self._move(CHALLENGER, str(version), actor="pipeline", reason="registered (retry)",
+                       extra={"run_id": run_id})
 
     def set_tags(self, version: str, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
@@ -120,12 +129,19 @@ class Registry:
 
     # ---- promotion ------------------------------------------------------------------------------
     def promote(self, version: str, actor: str, reason: str = "", airflow_run: str | None = None,
-                metrics: dict[str, Any] | None = None) -> dict:
-        """``champion`` -> version; old champion -> ``previous``; tags + audit record."""
+                metrics: dict[str, Any] | None = None, approval: dict | None = None) -> dict:
+        """``champion`` -> version; old champion -> ``previous``; tags + audit record.
+
+        Refused (:class:`RegistryError`) unless the version's tags record a gate pass
+        (``gate_eligible=true``) evaluated against the current champion, and either
+        ``approval`` is a person's Approve answer or the gate cleared it for auto-promotion
+        (``gate_auto_promote=true``).
+        """
         version = self.version(version).version
         old = self.version_by_alias(CHAMPION)
         if old is not None and old.version == version:
             raise RegistryError(f"version {version} is already the champion")
+        self._check_promotable(version, old.version if old else None, approval)
         if old is not None:
             self._move(PREVIOUS, old.version, actor, f"replaced by version {version}", airflow_run)
         record = self._move(CHAMPION, version, actor, reason or "approved", airflow_run, metrics,
@@ -133,6 +149,26 @@ class Registry:
         self.set_tags(version, {"promoted_by": actor, "promoted_at": record["ts"],
                                 "promoted_from_airflow_run": airflow_run or "", "promotion_reason": reason})
         return record
+
+    def _check_promotable(self, version: str, champion: str | None, approval: dict | None) -> None:
+        tags = self.tags(version)
+        if tags.get("gate_eligible") != "true":
+            raise RegistryError(
+                f"version {version} has not passed the promotion gate (gate_eligible="
+                f"{tags.get('gate_eligible', 'missing')}: {tags.get('gate_reasons', 'the gate never ran')}); "
+                "champion not moved")
+        compared = tags.get("champion_compared")
+        if compared is not None and compared != (champion or "none"):
+            raise RegistryError(
+                f"version {version} was compared with version {compared} but the champion is now version "
+                f"{champion or 'none'}: re-evaluate and re-gate it first; champion not moved")
+        if approval is None:
+            if tags.get("gate_auto_promote") != "true":
+                raise RegistryError(f"version {version} needs a person's approval: the gate did not clear it "
+                                    "for auto-promotion; champion not moved")
+        elif (approval.get("chosen_options") or []) != ["Approve"]:
+            raise RegistryError(f"version {version}: the answer {approval.get('chosen_options')!r} is not an "
+                                "approval; champion not moved")
 
     def reject(self, version: str, actor: str, reason: str, airflow_run: str | None = None) -> dict:
         """Record a rejection; ``challenger`` stays on the version so it can be inspected."""
@@ -143,11 +179,19 @@ class Registry:
 
     def rollback(self, target: str = PREVIOUS, actor: str = "unknown", reason: str = "rollback",
                  airflow_run: str | None = None) -> dict:
-        """Move ``champion`` back to ``target`` (a version number or an alias)."""
+        """Move ``champion`` back to ``target`` (a version number or an alias).
+
+        Any version that was champion before (tag ``promoted_by``) or passed the gate is a
+        valid target; a version the gate failed and nobody promoted is refused.
+        """
         version = self.resolve(target)
         current = self.version_by_alias(CHAMPION)
         if current is not None and current.version == version:
             raise RegistryError(f"version {version} is already the champion; nothing to roll back")
+        tags = self.tags(version)
+        if not tags.get("promoted_by") and tags.get("gate_eligible") != "true":
+            raise RegistryError(f"version {version} was never champion and did not pass the gate "
+                                f"({tags.get('gate_reasons', 'the gate never ran')}); pick an earlier champion")
         if current is not None:
             self._move(PREVIOUS, current.version, actor, f"rolled back to version {version}", airflow_run)
         return self._move(CHAMPION, version, actor, reason, airflow_run,

@@ -28,7 +28,8 @@ from typing import Iterator
 import boto3
 import pandas as pd
 from botocore.config import Config
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from shoprank.config import Settings, get_settings
 
@@ -111,6 +112,10 @@ def _explain(exc: Exception, settings: Settings, what: str) -> StorageError:
         if code in ("NoSuchKey", "404"):
             return StorageError(f"not found in s3://{settings.bucket}: {what}")
         return StorageError(f"S3 error {code} at {where} while trying to {what}: {exc}")
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):  # closed / reset / timed out, after retries
+        return StorageError(
+            f"lost the connection to S3 at {where} while trying to {what} ({type(exc).__name__}, after "
+            "retries): is the server running? Writes are atomic: a failed write leaves nothing under its key")
     return StorageError(f"S3 failure at {where} while trying to {what}: {exc}")
 
 
@@ -140,7 +145,7 @@ class Storage:
             code = exc.response.get("Error", {}).get("Code", "")
             if code not in ("404", "NoSuchBucket", "NotFound"):
                 raise _explain(exc, self.settings, f"check bucket {self.bucket}") from exc
-        except EndpointConnectionError as exc:
+        except BotoCoreError as exc:
             raise _explain(exc, self.settings, f"check bucket {self.bucket}") from exc
         try:
             self._s3.create_bucket(Bucket=self.bucket)
@@ -158,19 +163,19 @@ class Storage:
                 Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": tmp},
                 ContentType=content_type, MetadataDirective="REPLACE",
             )
-        except (ClientError, EndpointConnectionError) as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, self.settings, f"write {key}") from exc
         finally:
             try:
                 self._s3.delete_object(Bucket=self.bucket, Key=tmp)
-            except (ClientError, EndpointConnectionError):
+            except (ClientError, BotoCoreError):
                 log.warning("could not delete temporary object %s", tmp)
         return self.uri(key)
 
     def get_bytes(self, key: str) -> bytes:
         try:
             return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except (ClientError, EndpointConnectionError) as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, self.settings, f"read {key}") from exc
 
     def exists(self, key: str) -> bool:
@@ -181,7 +186,7 @@ class Storage:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise _explain(exc, self.settings, f"check {key}") from exc
-        except EndpointConnectionError as exc:
+        except BotoCoreError as exc:
             raise _explain(exc, self.settings, f"check {key}") from exc
 
     def list_keys(self, prefix: str) -> list[str]:
@@ -189,7 +194,7 @@ class Storage:
         try:
             for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        except (ClientError, EndpointConnectionError) as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, self.settings, f"list {prefix}") from exc
         return sorted(keys)
 
@@ -210,7 +215,7 @@ class Storage:
     def copy(self, src_key: str, dst_key: str) -> None:
         try:
             self._s3.copy_object(Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key})
-        except (ClientError, EndpointConnectionError) as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, self.settings, f"copy {src_key} to {dst_key}") from exc
 
     def copy_prefix(self, src_prefix: str, dst_prefix: str) -> list[str]:
@@ -227,7 +232,7 @@ class Storage:
             chunk = keys[start : start + 1000]
             try:
                 self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk]})
-            except (ClientError, EndpointConnectionError) as exc:
+            except (ClientError, BotoCoreError) as exc:
                 raise _explain(exc, self.settings, f"delete {prefix}") from exc
         return len(keys)
 

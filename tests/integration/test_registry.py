@@ -28,7 +28,10 @@ def _new_version(registry, **tags):
     mlflow.set_experiment("registry-tests")
     with mlflow.start_run() as run:
         info = mlflow.pyfunc.log_model(name="model", python_model=_Const())
-    return registry.register(info.model_uri, run.info.run_id, {"ndcg_at_10": 0.5, **tags})
+    # gate-passed and cleared for auto-promotion, so promote() needs no approval answer here
+    # (tests/reliability/test_reliability_promotion.py covers the refusals)
+    return registry.register(info.model_uri, run.info.run_id,
+                             {"ndcg_at_10": 0.5, "gate_eligible": "true", "gate_auto_promote": "true", **tags})
 
 
 def test_promote_reject_rollback_with_audit(registry):
