@@ -70,7 +70,8 @@ def approval_timeout():
 
 
 def promotion_tasks(registered, auto_promote_allowed: bool = False):
-    """gate -> approve (Airflow HITL) -> promote, then record_decision (runs in every case).
+    """gate -> approve (Airflow HITL) -> promote, then record_decision (runs in every case);
+    after a promotion (by a person or the auto-promotion policy) also ``export`` (ONNX + int8).
 
     ``registered`` is the XComArg of the register task (dict with ``version``).  Returns the
     last task so callers can chain more work after the decision.
@@ -130,6 +131,17 @@ def promotion_tasks(registered, auto_promote_allowed: bool = False):
         return record_rejection(task_settings(), task_storage(), reg["version"], answer, decision,
                                 airflow_run=ti.run_id)
 
+    # only after a promotion: no edge from register, so a run that promoted nothing (not
+    # eligible, rejected, timed out) skips it; a refused export is logged, not a failure
+    @task(trigger_rule="none_failed_min_one_success", retries=1)
+    def export(**context) -> dict:
+        """ONNX fp32 + int8 export of the new champion, checked against PyTorch (see serving.export)."""
+        from shoprank.serving.export import export as export_version
+
+        version = context["ti"].xcom_pull(task_ids="register")["version"]
+        report = export_version(task_settings(), task_storage(), version)
+        return {k: report[k] for k in ("version", "status", "accepted", "refused", "reused") if k in report}
+
     g = gate(registered)
     a = auto_promote(registered)
     p = promote(registered)
@@ -137,4 +149,5 @@ def promotion_tasks(registered, auto_promote_allowed: bool = False):
     g >> approve >> p >> r
     g >> a >> r
     g >> r
+    [p, a] >> export()
     return r

@@ -26,7 +26,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from shoprank.data.loaders import LoaderError
 
-    errors: list[type[BaseException]] = [ConfigError, StackError, StorageError, RegistryError, LoaderError]
+    from shoprank.serving.export import ExportError
+
+    errors: list[type[BaseException]] = [ConfigError, StackError, StorageError, RegistryError, LoaderError,
+                                         ExportError]
     try:
         from shoprank.validation import ValidationError  # type: ignore[attr-defined]
 
@@ -175,6 +178,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from shoprank.serving.app import serve
+    from shoprank.stack import prepared_settings
+
+    serve(prepared_settings(), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from shoprank.serving.export import export
+    from shoprank.storage import Storage
+
+    settings = get_settings()
+    report = export(settings, Storage(settings), args.version, force=args.force, tolerance=args.tolerance)
+    return 0 if report["accepted"] else 3
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from shoprank.demo import run_demo
 
@@ -236,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved settings (no secrets)")
     p.add_argument("--table", action="store_true", help="print the README configuration table")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("serve", help="ranking API: POST /rank with @champion, POST /events, GET /metrics")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a model version to ONNX fp32 + int8, checked against PyTorch")
+    p.add_argument("--version", default="champion", help="a version number or an alias (default: champion)")
+    p.add_argument("--force", action="store_true", help="re-export a version that was already exported")
+    p.add_argument("--tolerance", type=float,
+                   help="max |NDCG@10 delta| vs PyTorch (default: SHOPRANK_EXPORT_MAX_NDCG_DELTA, 0.005)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the whole story on the embedded stack (see README)")
     p.add_argument("--days", type=int, default=3)

@@ -76,6 +76,16 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name}={raw!r} is not an integer") from None
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved settings.  Field docs are the README's configuration table."""
@@ -106,6 +116,9 @@ class Settings:
     )
     max_length: int = field(metadata={"env": "SHOPRANK_MAX_LENGTH", "doc": "tokens per (query, product) pair"})
     seed: int = field(metadata={"env": "SHOPRANK_SEED", "doc": "seed for data generation and splits"})
+    export_max_ndcg_delta: float = field(default=0.005, metadata={
+        "env": "SHOPRANK_EXPORT_MAX_NDCG_DELTA",
+        "doc": "`shoprank export` refuses an ONNX backend whose test NDCG@10 differs from PyTorch's by more"})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -135,6 +148,7 @@ class Settings:
             base_model=env.get("SHOPRANK_BASE_MODEL", DEFAULT_BASE_MODEL),
             max_length=_int(env, "SHOPRANK_MAX_LENGTH", 64),
             seed=_int(env, "SHOPRANK_SEED", 42),
+            export_max_ndcg_delta=_float(env, "SHOPRANK_EXPORT_MAX_NDCG_DELTA", 0.005),
         )
 
     def require_s3_credentials(self) -> tuple[str, str]:

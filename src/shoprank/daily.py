@@ -102,6 +102,7 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
     events = storage.read_partition("validated", "feedback", day)
     params = LabelParams()
     result = derive_labels(events, params)
+    online = _online_metrics(events)
     storage.write_parquet(result.pairs, f"derived/labels/dt={day}/pairs.parquet")
     cat_day = storage.latest_partition("validated", "catalog", day)
     if cat_day is None:
@@ -140,6 +141,7 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
         "sources": {"feedback": day, "catalog": cat_day, "queries": q_day},
         "label_params": params.as_params(),
         "label_stats": {k: v for k, v in result.as_metrics().items()},
+        "online_metrics": online,
         "update_policy": asdict(policy),
         "recent_holdout_key": prefix + "recent_holdout.parquet",
         "champion_version": champion.version if champion else None,
@@ -150,6 +152,20 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
     log.info("daily snapshot %s: %s new + %s replay rows, %s holdout rows; mode %s (%s)", snapshot,
              manifest["rows"]["new"], manifest["rows"]["replay"], manifest["rows"]["recent_holdout"], mode, reason)
     return manifest
+
+
+def _online_metrics(events) -> dict[str, float]:
+    """Per-arm online metrics of the day (``online_<arm>_<metric>``); never fails the update."""
+    from shoprank.serving.online import online_metrics_by_arm
+
+    try:
+        metrics = online_metrics_by_arm(events)
+    except Exception as exc:  # a metrics problem must not block training
+        log.warning("online metrics per arm not computed: %s", exc)
+        return {}
+    for key in sorted(k for k in metrics if k.endswith(("_requests", "_ctr", "_mrr"))):
+        log.info("%s = %.4g", key, metrics[key])
+    return metrics
 
 
 def champion_init_dir(settings: Settings, workdir: str) -> tuple[str, str]:

@@ -33,10 +33,18 @@ class Contract:
     columns: tuple[Column, ...]
     key: tuple[str, ...]
     doc: str
+    # Columns a batch may carry or omit (e.g. feedback ``arm``): not in ``names`` (so schema
+    # checks do not require them); ``conform`` keeps and casts them when present.
+    optional_columns: tuple[Column, ...] = ()
 
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    @property
+    def all_names(self) -> list[str]:
+        """Required then optional column names."""
+        return self.names + [c.name for c in self.optional_columns]
 
     @property
     def dtypes(self) -> dict[str, str]:
@@ -47,7 +55,8 @@ class Contract:
         missing = [c for c in self.names if c not in df.columns]
         if missing:
             raise ValueError(f"{self.dataset}: missing columns {missing}")
-        return df[self.names].astype(self.dtypes)
+        optional = [c for c in self.optional_columns if c.name in df.columns]
+        return df[self.names + [c.name for c in optional]].astype({**self.dtypes, **{c.name: c.dtype for c in optional}})
 
 
 CATALOG = Contract(
@@ -93,6 +102,9 @@ FEEDBACK = Contract(
         Column("position", "int64", False, "1-based rank at which the product was shown"),
         Column("event_type", "string", False, "impression | click | add_to_cart | purchase"),
         Column("model_version", "string", True, "model version that produced the ranking"),
+    ),
+    optional_columns=(
+        Column("arm", "string", True, "A/B arm that served the ranking (champion | challenger); optional"),
     ),
 )
 

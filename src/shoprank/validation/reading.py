@@ -127,7 +127,7 @@ def read_files(files: Mapping[str, bytes], contract: Contract, max_field_chars: 
         batch.row_in_file = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
         batch.df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
         _note_dtype_mismatches(batch, names)
-    extra = [c for c in batch.df.columns if c not in contract.names]
+    extra = [c for c in batch.df.columns if c not in contract.all_names]
     if extra:
         batch.notes.append(f"columns not in the {contract.dataset} contract are ignored and not carried to validated/: {extra}")
     return batch
