@@ -163,13 +163,12 @@ def train_model(settings: Settings, snapshot: dict, train_params: dict, lineage:
     import mlflow
 
     from shoprank.training import TrainConfig
-    from shoprank.training.run import build_command
+    from shoprank.training.run import build_command, launch_options
 
     run_id, experiment_id = find_or_create_run(settings, lineage, run_name=f"train {snapshot['snapshot']}")
     work = Path(workdir or tempfile.mkdtemp(prefix="shoprank-train-"))
     work.mkdir(parents=True, exist_ok=True)
     params = {k: v for k, v in train_params.items() if v not in (None, "")}
-    rdzv = params.pop("rdzv_endpoint", None)
     config = TrainConfig.from_settings(
         settings, **params, snapshot=snapshot["snapshot"], run_key=lineage.run_key,
         output_dir=str(work / "model"), result_json=str(work / "result.json"), mlflow_run_id=run_id)
@@ -181,9 +180,10 @@ def train_model(settings: Settings, snapshot: dict, train_params: dict, lineage:
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
     logged = set(client.get_run(run_id).data.params)  # a retry must not re-log (params are immutable)
-    for key, value in config.to_dict().items():
-        if key in ("mlflow_run_id", "mlflow_tracking_uri", "output_dir", "result_json", "checkpoint_dir") \
-                or key in logged:
+    run_params = {**config.to_dict(), "global_batch_size": config.global_batch_size}
+    for key, value in run_params.items():
+        if key in ("mlflow_run_id", "mlflow_tracking_uri", "output_dir", "result_json", "checkpoint_dir",
+                   "rdzv_endpoint", "rdzv_id", "node_rank") or key in logged:
             continue
         client.log_param(run_id, key, "" if value is None else str(value)[:500])
     for key, value in (extra_params or {}).items():
@@ -193,14 +193,26 @@ def train_model(settings: Settings, snapshot: dict, train_params: dict, lineage:
         manifest = Path(tmp) / "manifest.json"
         manifest.write_text(json.dumps(snapshot, indent=2))
         client.log_artifact(run_id, str(manifest), "data")
+    # daily runs: online metrics per A/B arm from the day's feedback (shoprank.serving.online)
+    for key, value in (snapshot.get("online_metrics") or {}).items():
+        client.log_metric(run_id, key, float(value))
     if data_docs:
         log_data_docs(client, run_id, Storage(settings), data_docs)
 
-    cmd = build_command(config_path, nproc_per_node=config.devices, nnodes=config.num_nodes, rdzv_endpoint=rdzv,
-                        rdzv_id=lineage.run_key.replace("/", "-"))
+    # devices x nodes > 1: torchrun (multi-node: rendezvous from the config or SHOPRANK_RDZV_*)
+    launch = launch_options(config, default_rdzv_id=lineage.run_key)
+    cmd = build_command(config_path, **launch)
     env = dict(os.environ)
     env.update(settings.as_env())
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if config.num_nodes > 1:  # the other nodes read the same config from S3 (docs/distributed.md)
+        from shoprank.storage import checkpoint_prefix
+        from shoprank.training.run import node_command
+
+        key = checkpoint_prefix(lineage.run_key) + "train_config.json"
+        Storage(settings).put_bytes(key, config_path.read_bytes(), "application/json")
+        log.info("multi-node run: start on each of the other %d node(s): %s", config.num_nodes - 1,
+                 " ".join(node_command(key, launch)))
     log.info("training: %s", " ".join(cmd))
     t0 = time.monotonic()
     rc, tail = _stream(cmd, env)
@@ -208,6 +220,13 @@ def train_model(settings: Settings, snapshot: dict, train_params: dict, lineage:
         client.set_tag(run_id, "shoprank.last_failure", f"training exited with {rc}")
         raise StepError(f"training subprocess exited with code {rc} after {time.monotonic() - t0:.0f}s; "
                         f"a retry of this task resumes from checkpoints/{lineage.run_key}/. Last output:\n{tail}")
+    if not (work / "result.json").exists() and config.num_nodes > 1:
+        # multi-node: global rank 0 (result + model) ran on another node and marked the run complete
+        # in S3; one local process re-exports its best checkpoint here instead of training again
+        log.info("rank 0 ran on another node: re-exporting the completed run from S3")
+        rc, tail = _stream(build_command(config_path), env)
+        if rc != 0:
+            raise StepError(f"re-export of the multi-node run failed (exit {rc}). Last output:\n{tail}")
     result = json.loads((work / "result.json").read_text())
     _log_validation_curve(client, run_id, result.get("val_history") or [])
     for key in ("best_val_ndcg_at_10", "global_step", "epochs_completed", "train_pairs_per_s"):
@@ -324,7 +343,7 @@ def apply_approval(settings: Settings, storage: Storage, version: str, answer: d
     who = (answer.get("responded_by_user") or {}).get("name") or (answer.get("responded_by_user") or {}).get("id")
     comment = (answer.get("params_input") or {}).get("comment") or "approved in Airflow"
     return registry.promote(version, actor=who or "unknown", reason=comment, airflow_run=airflow_run,
-                            metrics=_headline_metrics(registry.tags(version)))
+                            metrics=_headline_metrics(registry.tags(version)), approval=answer)
 
 
 def apply_auto_promotion(settings: Settings, storage: Storage, version: str, decision: dict,
@@ -428,6 +447,7 @@ def register_model(settings: Settings, storage: Storage, trained: dict, evaluate
     for v in registry.client.search_model_versions(f"name='{registry.name}'"):
         if v.tags.get("airflow.run_key") == lineage.run_key:
             log.info("version %s was already registered by %s; reusing it", v.version, lineage.run_key)
+            registry.ensure_challenger(v.version, run_id=trained["mlflow_run_id"])  # a try that died half-way
             return {"version": v.version, "reused": True}
     tags: dict[str, Any] = {**evaluated["metrics"], "validation_status": validation_status,
                             "data_snapshot": trained["snapshot"], "mlflow_run_id": trained["mlflow_run_id"],
