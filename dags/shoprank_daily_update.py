@@ -95,26 +95,11 @@ def shoprank_daily_update():
 
     @task(queue=TRAIN_QUEUE, retries=2, retry_delay=pendulum.duration(seconds=10))
     def train(manifest: dict, validated: dict) -> dict:
-        import tempfile
+        from shoprank.daily import DAG_ID, train_update
 
-        from shoprank.daily import DAG_ID, champion_init_dir
-        from shoprank.workflow import train_model
-
-        ctx = get_current_context()
-        settings = task_settings()
-        lineage = replace(lineage_from_context(ctx), key=f"{DAG_ID}/{_day()}")
-        steps = os.environ.get("SHOPRANK_DAILY_MAX_STEPS", "60") if manifest["mode"] == "warm" \
-            else os.environ.get("SHOPRANK_DAILY_FULL_MAX_STEPS", "300")
-        params = {"epochs": 1, "max_steps": int(steps), "batch_size": 16,
-                  "lr": 2e-5 if manifest["mode"] == "warm" else 5e-5}
-        extra = {**manifest["label_params"], "daily.mode": manifest["mode"], "daily.mode_reason": manifest["mode_reason"],
-                 "daily.replay_ratio": manifest["update_policy"]["replay_ratio"]}
-        if manifest["mode"] == "warm":
-            init_dir, version = champion_init_dir(settings, tempfile.mkdtemp(prefix="shoprank-champion-"))
-            params["init_from"] = init_dir
-            extra["daily.warm_start_from_version"] = version
+        lineage = replace(lineage_from_context(get_current_context()), key=f"{DAG_ID}/{_day()}")
         docs = [validated["data_docs"]] if validated.get("data_docs") else None
-        return train_model(settings, manifest, params, lineage, data_docs=docs, extra_params=extra)
+        return train_update(task_settings(), manifest, lineage, data_docs=docs)
 
     @task
     def evaluate(trained: dict, manifest: dict) -> dict:

@@ -40,12 +40,16 @@ DAG_ID = "shoprank_daily_update"
 
 @dataclass(frozen=True)
 class UpdatePolicy:
-    """Env: SHOPRANK_DAILY_REPLAY_RATIO, _HOLDOUT_FRACTION, _FULL_RETRAIN_EVERY_DAYS, _MIN_PAIRS."""
+    """Env: SHOPRANK_DAILY_REPLAY_RATIO, _HOLDOUT_FRACTION, _MAX_HOLDOUT_ROWS,
+    _FULL_RETRAIN_EVERY_DAYS, _MIN_PAIRS, _MAX_STEPS (warm), _FULL_MAX_STEPS."""
 
     replay_ratio: float = 0.5
     holdout_fraction: float = 0.2
+    max_holdout_rows: int = 2000
     full_retrain_every_days: int = 30
     min_pairs: int = 20
+    warm_steps: int = 60
+    full_steps: int = 300
     seed: int = 42
 
     @classmethod
@@ -54,8 +58,11 @@ class UpdatePolicy:
         return cls(
             replay_ratio=float(e.get("SHOPRANK_DAILY_REPLAY_RATIO", cls.replay_ratio)),
             holdout_fraction=float(e.get("SHOPRANK_DAILY_HOLDOUT_FRACTION", cls.holdout_fraction)),
+            max_holdout_rows=int(e.get("SHOPRANK_DAILY_MAX_HOLDOUT_ROWS", cls.max_holdout_rows)),
             full_retrain_every_days=int(e.get("SHOPRANK_DAILY_FULL_RETRAIN_EVERY_DAYS", cls.full_retrain_every_days)),
             min_pairs=int(e.get("SHOPRANK_DAILY_MIN_PAIRS", cls.min_pairs)),
+            warm_steps=int(e.get("SHOPRANK_DAILY_MAX_STEPS", cls.warm_steps)),
+            full_steps=int(e.get("SHOPRANK_DAILY_FULL_MAX_STEPS", cls.full_steps)),
             seed=int(e.get("SHOPRANK_SEED", cls.seed)),
         )
 
@@ -114,7 +121,7 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
     if len(rows) < policy.min_pairs:
         raise NotEnoughSignal(f"feedback of {day} gave {len(rows)} labelled pairs (< {policy.min_pairs}); "
                               "nothing to learn today")
-    train_new, holdout = holdout_split(rows, policy.holdout_fraction, policy.seed)
+    train_new, holdout = holdout_split(rows, policy.holdout_fraction, policy.seed, policy.max_holdout_rows)
     golden = golden_snapshot(settings, storage)
     replay = load_split(storage, golden, "train")
     mode, reason = choose_mode(settings, day, drifted, policy)
@@ -166,6 +173,40 @@ def _online_metrics(events) -> dict[str, float]:
     for key in sorted(k for k in metrics if k.endswith(("_requests", "_ctr", "_mrr"))):
         log.info("%s = %.4g", key, metrics[key])
     return metrics
+
+
+def train_params(manifest: dict) -> dict:
+    """Trainer parameters of a daily update: the policy's step budget per mode, a lower learning
+    rate for a warm start than for a full retrain (from the base model)."""
+    policy = manifest["update_policy"]
+    warm = manifest["mode"] == "warm"
+    return {"epochs": 1, "batch_size": 16, "lr": 2e-5 if warm else 5e-5,
+            "max_steps": int(policy["warm_steps"] if warm else policy["full_steps"])}
+
+
+def train_update(settings: Settings, manifest: dict, lineage, data_docs: list[str] | None = None) -> dict:
+    """The daily ``train`` task: warm start from ``@champion`` (weights downloaded to a temporary
+    folder, removed afterwards) or a full retrain, with the label derivation and the mode in
+    the run's params. Returns :func:`shoprank.workflow.train_model`'s result."""
+    import shutil
+    import tempfile
+
+    from shoprank.workflow import train_model
+
+    params = train_params(manifest)
+    extra = {**manifest["label_params"], "daily.mode": manifest["mode"], "daily.mode_reason": manifest["mode_reason"],
+             "daily.replay_ratio": manifest["update_policy"]["replay_ratio"]}
+    tmp = None
+    try:
+        if manifest["mode"] == "warm":
+            tmp = tempfile.mkdtemp(prefix="shoprank-champion-")
+            init_dir, version = champion_init_dir(settings, tmp)
+            params["init_from"] = init_dir
+            extra["daily.warm_start_from_version"] = version
+        return train_model(settings, manifest, params, lineage, data_docs=data_docs, extra_params=extra)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def champion_init_dir(settings: Settings, workdir: str) -> tuple[str, str]:

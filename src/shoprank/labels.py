@@ -584,21 +584,32 @@ def _query_hash(query: str, seed: int) -> float:
     return int.from_bytes(hashlib.sha256(f"{seed}:holdout:{query}".encode("utf-8")).digest()[:8], "big") / 2**64
 
 
-def holdout_split(rows: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def holdout_split(rows: pd.DataFrame, fraction: float, seed: int = 0,
+                  max_rows: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, holdout) by query: the ``round(fraction * n_queries)`` queries with the smallest
     seeded hash (at least one when ``fraction > 0`` and there are 2+ queries) go to holdout.
+    ``max_rows`` caps the holdout: queries are taken in hash order while their rows fit (the
+    first one always), the rest stay in train, so evaluating the holdout does not grow with a
+    day's traffic.
 
     A query's rank by hash does not depend on the other queries, so the split is stable as
     data grows except at the boundary.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError("fraction must be in [0, 1)")
-    queries = sorted(set(rows["query"].astype(str)))
+    if max_rows is not None and max_rows < 1:
+        raise ValueError("max_rows must be >= 1")
+    query = rows["query"].astype(str)
+    queries = sorted(set(query))
     n = int(round(fraction * len(queries)))
     if fraction > 0 and n == 0 and len(queries) >= 2:
         n = 1
-    held = set(sorted(queries, key=lambda q: (_query_hash(q, seed), q))[:n])
-    mask = rows["query"].astype(str).isin(held).to_numpy()
+    chosen = sorted(queries, key=lambda q: (_query_hash(q, seed), q))[:n]
+    if max_rows is not None and chosen:
+        sizes = query.value_counts()
+        fits = np.cumsum([int(sizes[q]) for q in chosen]) <= max_rows
+        chosen = chosen[:max(1, int(fits.sum()))] if fits[0] else chosen[:1]
+    mask = query.isin(set(chosen)).to_numpy()
     return rows[~mask].reset_index(drop=True), rows[mask].reset_index(drop=True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -159,15 +160,29 @@ def find_or_create_run(settings: Settings, lineage: Lineage, run_name: str) -> t
 def train_model(settings: Settings, snapshot: dict, train_params: dict, lineage: Lineage,
                 data_docs: list[str] | None = None, workdir: str | None = None,
                 extra_params: dict | None = None) -> dict:
-    """Train in a subprocess (torchrun when devices x nodes > 1) and log the model to MLflow."""
+    """Train in a subprocess (torchrun when devices x nodes > 1) and log the model to MLflow.
+
+    Without ``workdir`` the local working folder (config, exported model) is removed afterwards:
+    the model is in MLflow and the checkpoints a retry resumes from are in S3."""
+    run_id, experiment_id = find_or_create_run(settings, lineage, run_name=f"train {snapshot['snapshot']}")
+    work = Path(workdir or tempfile.mkdtemp(prefix="shoprank-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train_in(settings, snapshot, train_params, lineage, data_docs, extra_params, run_id,
+                         experiment_id, work)
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_in(settings: Settings, snapshot: dict, train_params: dict, lineage: Lineage,
+              data_docs: list[str] | None, extra_params: dict | None, run_id: str, experiment_id: str,
+              work: Path) -> dict:
     import mlflow
 
     from shoprank.training import TrainConfig
     from shoprank.training.run import build_command, launch_options
 
-    run_id, experiment_id = find_or_create_run(settings, lineage, run_name=f"train {snapshot['snapshot']}")
-    work = Path(workdir or tempfile.mkdtemp(prefix="shoprank-train-"))
-    work.mkdir(parents=True, exist_ok=True)
     params = {k: v for k, v in train_params.items() if v not in (None, "")}
     config = TrainConfig.from_settings(
         settings, **params, snapshot=snapshot["snapshot"], run_key=lineage.run_key,

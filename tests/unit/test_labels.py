@@ -419,6 +419,35 @@ def test_holdout_split_by_query():
     assert holdout_split(rows, 0.0)[1].empty
 
 
+def test_holdout_is_capped_by_whole_queries_so_evaluation_does_not_grow_with_traffic():
+    rows = _rows("q", 50, np.random.default_rng(1))
+    _, held = holdout_split(rows, 0.2, seed=3)
+    sizes = held["query"].value_counts()
+    budget = int(sizes.sum() // 2)
+    train, capped = holdout_split(rows, 0.2, seed=3, max_rows=budget)
+    assert 0 < len(capped) <= budget and len(train) + len(capped) == len(rows)
+    assert capped["query"].nunique() < held["query"].nunique()
+    assert set(capped["query"]) <= set(held["query"])  # the same queries first: stable as traffic grows
+    assert not set(train["query"]) & set(capped["query"])  # whole queries only
+    assert holdout_split(rows, 0.2, seed=3, max_rows=1)[1]["query"].nunique() == 1  # never empty
+    with pytest.raises(ValueError):
+        holdout_split(rows, 0.2, max_rows=0)
+
+
+def test_daily_train_params_follow_the_policy_per_mode(monkeypatch):
+    from dataclasses import asdict
+
+    from shoprank.daily import UpdatePolicy, train_params
+
+    monkeypatch.setenv("SHOPRANK_DAILY_MAX_STEPS", "7")
+    monkeypatch.setenv("SHOPRANK_DAILY_FULL_MAX_STEPS", "70")
+    policy = asdict(UpdatePolicy.from_env())
+    warm = train_params({"mode": "warm", "update_policy": policy})
+    full = train_params({"mode": "full", "update_policy": policy})
+    assert warm["max_steps"] == 7 and full["max_steps"] == 70
+    assert warm["lr"] < full["lr"]  # a warm start moves the champion gently
+
+
 # ---------------------------------------------------------------------------------------
 # end to end on the simulator
 # ---------------------------------------------------------------------------------------
