@@ -35,7 +35,9 @@ def test_approve_reject_and_rollback(airflow, airflow_stack, market_day):
     run1, final, states = _train_run(airflow, market_day, "Approve")
     assert final["state"] == "success", states
     assert states["promote"] == "success" and states["record_decision"] == "success"
+    assert states["export"] == "success"  # ONNX export of the new champion (accepted or refused, recorded)
     v1 = registry.version_by_alias("champion").version
+    assert registry.tags(v1)["export.status"] in ("exported", "partial", "refused")
     tags = registry.tags(v1)
     assert tags["promoted_by"] == "admin"
     assert tags["promoted_from_airflow_run"] == run1
@@ -52,6 +54,7 @@ def test_approve_reject_and_rollback(airflow, airflow_stack, market_day):
     run3, final, states = _train_run(airflow, market_day, "Reject")
     assert final["state"] == "success", states
     assert states["promote"] == "skipped" and states["record_decision"] == "success"
+    assert states["export"] == "skipped"  # nothing promoted, nothing exported
     v3 = registry.version_by_alias("challenger").version
     assert registry.version_by_alias("champion").version == v2  # untouched
     assert registry.tags(v3)["rejected_by"] == "admin"
@@ -124,6 +127,8 @@ def test_daily_update_warm_starts_from_champion_and_is_idempotent(airflow, airfl
     assert run.data.params["init_from"]  # weights came from the champion, not the base model
     assert "labels.w_click" in run.data.params or any(k.startswith("labels.") for k in run.data.params)
     assert "recent_ndcg_at_10" in tags  # evaluated on the holdout of recent feedback too
+    # online metrics of the day's traffic, per serving arm (all champion here)
+    assert run.data.metrics["online_champion_requests"] > 0 and "online_champion_ctr" in run.data.metrics
     versions_before = registry.known_versions()
     labels_before = storage.read_parquet(f"derived/labels/dt={day.isoformat()}/pairs.parquet")
 
