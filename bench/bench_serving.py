@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         export = export_model_dir(model_dir, cache / "export", test, tolerance=args.tolerance, progress=log)
         print(format_report(export), file=sys.stderr)
 
+    if args.threads > 0:  # the fine-tune above sets torch's threads for training: measure what was asked
+        torch.set_num_threads(args.threads)
     scorers = {"torch": load_dir_scorer(model_dir, "torch"),
                **{b: load_dir_scorer(cache / "export", b) for b in ("onnx", "onnx-int8")}}
     clients, fallback = {}, None
