@@ -87,6 +87,10 @@ class AirflowClient:
     def run(self, dag_id: str, run_id: str) -> dict:
         return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
 
+    def runs(self, dag_id: str) -> list[dict]:
+        """The DAG's runs, newest logical date first (also runs made by `airflow dags test`)."""
+        return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=-logical_date&limit=100")["dag_runs"]
+
     def clear_run(self, dag_id: str, run_id: str) -> dict:
         """Re-run every task of a DAG run (what "Clear" does in the UI)."""
         return self._request("POST", f"/api/v2/dags/{dag_id}/clearTaskInstances",

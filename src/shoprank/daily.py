@@ -17,8 +17,10 @@ For a logical date D (one Airflow run per date):
 
 Idempotency rule: everything for date D is keyed by D (``shoprank_daily_update/D``): the
 snapshot, the checkpoints, the MLflow run and the model version.  Re-running a date reuses
-the finished training and the registered version instead of creating duplicates, and the
-labels are a pure function of the deduplicated events, so nothing is double counted.
+the finished training (with the day's snapshot and warm/full decision as they were) and the
+registered version instead of creating duplicates, and the labels are a pure function of the
+deduplicated events, so nothing is double counted.  A date whose training did not finish is
+prepared again from scratch.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
     from shoprank.labels import LabelParams, derive_labels, holdout_split, mix_with_replay, to_training_rows
 
     policy = policy or UpdatePolicy.from_env()
+    reused = finished_manifest(storage, day)
+    if reused is not None:
+        return reused
     events = storage.read_partition("validated", "feedback", day)
     params = LabelParams()
     result = derive_labels(events, params)
@@ -158,6 +163,26 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
                       "application/json")
     log.info("daily snapshot %s: %s new + %s replay rows, %s holdout rows; mode %s (%s)", snapshot,
              manifest["rows"]["new"], manifest["rows"]["replay"], manifest["rows"]["recent_holdout"], mode, reason)
+    return manifest
+
+
+def finished_manifest(storage: Storage, day: str) -> dict | None:
+    """The stored manifest of day D when D's training already finished, else None.
+
+    A re-run of a finished date (Clear in the UI, ``airflow dags test``, a backfill) keeps the
+    day's snapshot and decisions as they were: the registered version was trained on exactly
+    those files. Deciding again could differ (e.g. the day's own version is champion by now,
+    which would turn a full retrain into a warm start) and would rewrite what the lineage
+    points to."""
+    from shoprank.storage import RESULT_OBJECT, checkpoint_prefix
+
+    key = dataset_prefix(f"daily-{day}") + "manifest.json"
+    done = checkpoint_prefix(f"{DAG_ID}/{day}") + RESULT_OBJECT
+    if not (storage.exists(key) and storage.exists(done)):
+        return None
+    manifest = json.loads(storage.get_bytes(key))
+    log.info("%s was already trained (%s): reusing its snapshot %s and its decisions (mode %s), not deriving them "
+             "again", day, storage.uri(done), manifest["snapshot"], manifest["mode"])
     return manifest
 
 

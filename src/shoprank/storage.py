@@ -73,6 +73,9 @@ def checkpoint_prefix(run: str) -> str:
     return f"checkpoints/{run.replace('/', '_')}/"
 
 
+RESULT_OBJECT = "result.json"  # checkpoints/<run>/result.json marks a completed training run
+
+
 def _client(settings: Settings):
     key, secret = settings.require_s3_credentials()
     return boto3.client(

@@ -42,12 +42,12 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from shoprank.storage import RESULT_OBJECT
 from shoprank.training.config import TrainConfig, TrainConfigError
 
 log = logging.getLogger("shoprank.training")
 
 SPLITS = ("train", "val", "test")
-RESULT_OBJECT = "result.json"  # checkpoints/<run>/result.json marks a completed run
 
 
 class TrainingTerminated(RuntimeError):
