@@ -105,18 +105,19 @@ def run_update(spec: dict) -> dict:
     from dataclasses import replace
 
     from shoprank.config import get_settings
-    from shoprank.daily import DAG_ID, prepare_update, train_params, train_update
+    from shoprank.daily import DAG_ID, prepare_update, run_key, train_params, train_update
     from shoprank.storage import Storage
     from shoprank.validation import EmptyPartition, validate_partition
     from shoprank.workflow import Lineage, evaluate_model, gate_version, outcome_dict, register_model
 
     t_start = time.perf_counter()
     day, full = spec["day"], spec["mode"] == "full"
+    variant = "full-retrain" if full else ""  # its own snapshot and key: the warm run's stay as they were
     settings = get_settings()
     storage = Storage(settings)
     run_id = f"bench__{day}__{spec['mode']}"
     lineage = Lineage(dag_id=DAG_ID, run_id=run_id, task_id="train", logical_date=f"{day}T00:00:00+00:00",
-                      key=f"{DAG_ID}/{day}" + ("/full-retrain" if full else ""))
+                      key=run_key(day, variant))
     stages: dict[str, float] = {}
     rss = TreeRSS()
 
@@ -149,7 +150,7 @@ def run_update(spec: dict) -> dict:
         with stage("prepare"):
             # a full retrain is prepare_update's full path; the bench reaches it the way the DAG
             # does on a drifted day (choose_mode(drifted=True) -> "full")
-            manifest = prepare_update(settings, storage, day, drifted=bool(drifted) or full)
+            manifest = prepare_update(settings, storage, day, drifted=bool(drifted) or full, variant=variant)
         with stage("train"):
             steps = train_params(manifest)["max_steps"]
             docs = [validated["data_docs"]] if validated.get("data_docs") else None

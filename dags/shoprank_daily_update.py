@@ -95,9 +95,9 @@ def shoprank_daily_update():
 
     @task(queue=TRAIN_QUEUE, retries=2, retry_delay=pendulum.duration(seconds=10))
     def train(manifest: dict, validated: dict) -> dict:
-        from shoprank.daily import DAG_ID, train_update
+        from shoprank.daily import run_key, train_update
 
-        lineage = replace(lineage_from_context(get_current_context()), key=f"{DAG_ID}/{_day()}")
+        lineage = replace(lineage_from_context(get_current_context()), key=run_key(_day()))
         docs = [validated["data_docs"]] if validated.get("data_docs") else None
         return train_update(task_settings(), manifest, lineage, data_docs=docs)
 
@@ -110,10 +110,10 @@ def shoprank_daily_update():
 
     @task
     def register(trained: dict, evaluated: dict, manifest: dict) -> dict:
-        from shoprank.daily import DAG_ID
+        from shoprank.daily import run_key
         from shoprank.workflow import register_model
 
-        lineage = replace(lineage_from_context(get_current_context()), key=f"{DAG_ID}/{_day()}")
+        lineage = replace(lineage_from_context(get_current_context()), key=run_key(_day()))
         day = _day()
         tags = {"golden_snapshot": manifest["golden_snapshot"], "daily.date": day, "daily.mode": manifest["mode"],
                 "last_full_retrain_date": day if manifest["mode"] == "full" else

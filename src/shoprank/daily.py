@@ -101,14 +101,25 @@ def choose_mode(settings: Settings, day: str, drifted: bool, policy: UpdatePolic
     return "warm", f"warm start from champion version {champion.version}"
 
 
+def run_key(day: str, variant: str = "") -> str:
+    """The key of day D's training (checkpoints, MLflow run, model version): ``shoprank_daily_update/D``.
+    A ``variant`` (e.g. the benchmark's "full-retrain" of the same day) gets its own key and snapshot."""
+    return f"{DAG_ID}/{day}" + (f"/{variant}" if variant else "")
+
+
+def snapshot_name(day: str, variant: str = "") -> str:
+    return f"daily-{day}" + (f"-{variant}" if variant else "")
+
+
 def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool = False,
-                   policy: UpdatePolicy | None = None) -> dict:
-    """Steps 2-4 of the module docstring; returns the daily snapshot manifest + decisions."""
+                   policy: UpdatePolicy | None = None, variant: str = "") -> dict:
+    """Steps 2-4 of the module docstring; returns the daily snapshot manifest + decisions.
+    Train it under ``run_key(day, variant)``."""
     from shoprank.datasets import load_split
     from shoprank.labels import LabelParams, derive_labels, holdout_split, mix_with_replay, to_training_rows
 
     policy = policy or UpdatePolicy.from_env()
-    reused = finished_manifest(storage, day)
+    reused = finished_manifest(storage, day, variant)
     if reused is not None:
         return reused
     events = storage.read_partition("validated", "feedback", day)
@@ -139,7 +150,7 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
 
     champion = Registry(settings).version_by_alias("champion")
     champion_last_full = (champion.tags.get("last_full_retrain_date", "") if champion else "")
-    snapshot = f"daily-{day}"
+    snapshot = snapshot_name(day, variant)
     prefix = dataset_prefix(snapshot)
     storage.write_parquet(mixed.reset_index(drop=True), prefix + "train.parquet")
     storage.write_parquet(load_split(storage, golden, "val"), prefix + "val.parquet")
@@ -166,7 +177,7 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
     return manifest
 
 
-def finished_manifest(storage: Storage, day: str) -> dict | None:
+def finished_manifest(storage: Storage, day: str, variant: str = "") -> dict | None:
     """The stored manifest of day D when D's training already finished, else None.
 
     A re-run of a finished date (Clear in the UI, ``airflow dags test``, a backfill) keeps the
@@ -176,8 +187,8 @@ def finished_manifest(storage: Storage, day: str) -> dict | None:
     points to."""
     from shoprank.storage import RESULT_OBJECT, checkpoint_prefix
 
-    key = dataset_prefix(f"daily-{day}") + "manifest.json"
-    done = checkpoint_prefix(f"{DAG_ID}/{day}") + RESULT_OBJECT
+    key = dataset_prefix(snapshot_name(day, variant)) + "manifest.json"
+    done = checkpoint_prefix(run_key(day, variant)) + RESULT_OBJECT
     if not (storage.exists(key) and storage.exists(done)):
         return None
     manifest = json.loads(storage.get_bytes(key))
