@@ -113,8 +113,8 @@ def shoprank_daily_update():
         from shoprank.daily import run_key
         from shoprank.workflow import register_model
 
-        lineage = replace(lineage_from_context(get_current_context()), key=run_key(_day()))
         day = _day()
+        lineage = replace(lineage_from_context(get_current_context()), key=run_key(day))
         tags = {"golden_snapshot": manifest["golden_snapshot"], "daily.date": day, "daily.mode": manifest["mode"],
                 "last_full_retrain_date": day if manifest["mode"] == "full" else
                 manifest.get("champion_last_full", "")}

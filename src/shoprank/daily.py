@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 
 from shoprank.config import Settings
-from shoprank.storage import Storage, dataset_prefix
+from shoprank.storage import RESULT_OBJECT, Storage, checkpoint_prefix, dataset_prefix
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,6 @@ def finished_manifest(storage: Storage, day: str, variant: str = "") -> dict | N
     those files. Deciding again could differ (e.g. the day's own version is champion by now,
     which would turn a full retrain into a warm start) and would rewrite what the lineage
     points to."""
-    from shoprank.storage import RESULT_OBJECT, checkpoint_prefix
-
     key = dataset_prefix(snapshot_name(day, variant)) + "manifest.json"
     done = checkpoint_prefix(run_key(day, variant)) + RESULT_OBJECT
     if not (storage.exists(key) and storage.exists(done)):

@@ -35,7 +35,6 @@ def test_inventory_dag_reads_s3(airflow_db):
     assert "state=success" in out or "success" in out.lower()
 
 
-
 DAILY = "shoprank_daily_update"
 
 
@@ -50,9 +49,9 @@ def dags_test_airflow(mlflow_server, tmp_path):
     key, secret_key = mlflow_server.require_s3_credentials()
     (home / "stack.env").write_text(f"AWS_ACCESS_KEY_ID={key}\nAWS_SECRET_ACCESS_KEY={secret_key}\n")
     (home / "stack.env").chmod(0o600)
-    settings = replace(mlflow_server, home=home, airflow_port=free_port(), bucket=f"daily-{uuid.uuid4().hex[:8]}",
-                       registered_model=f"daily-dags-test-{uuid.uuid4().hex[:6]}")
-    settings = replace(settings, airflow_url=f"http://127.0.0.1:{settings.airflow_port}")
+    port = free_port()
+    settings = replace(mlflow_server, home=home, airflow_port=port, airflow_url=f"http://127.0.0.1:{port}",
+                       bucket=f"daily-{uuid.uuid4().hex[:8]}", registered_model=f"daily-dags-test-{uuid.uuid4().hex[:6]}")
     stack = Stack(settings)
     stack.up(("airflow-api-server",), progress=lambda _m: None)  # answers the approval over REST
     try:
@@ -84,6 +83,8 @@ def _dags_test(env: dict, day: str, logfile, answer: str | None = None, client=N
 def _wait_for_run_id(client, day: str, proc, timeout: float = 600) -> str:
     import time
 
+    from shoprank.airflow_client import AirflowAPIError
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "airflow dags test ended before its approval was asked"
@@ -91,8 +92,9 @@ def _wait_for_run_id(client, day: str, proc, timeout: float = 600) -> str:
             for run in client.runs(DAILY):
                 if (run.get("logical_date") or "").startswith(day):
                     return run["dag_run_id"]
-        except Exception:  # the DAG is not serialized yet
-            pass
+        except AirflowAPIError as exc:
+            if exc.status != 404:  # 404: `dags test` has not written the DAG to the metadata DB yet
+                raise
         time.sleep(2)
     raise TimeoutError(f"no {DAILY} run for {day} appeared")
 
