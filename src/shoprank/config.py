@@ -86,6 +86,34 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
 
 
+def _optional_int(env: Mapping[str, str], name: str, minimum: int | None = None) -> int | None:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer (leave it empty for the default)") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be >= {minimum} (leave it empty for the default)")
+    return value
+
+
+DEFAULT_PRODUCT_TEXT_TEMPLATE = "{title} | {brand} | {category} | {description}"  # = contracts.DEFAULT_...
+
+
+def _template(env: Mapping[str, str]) -> str:
+    raw = env.get("SHOPRANK_PRODUCT_TEXT_TEMPLATE") or DEFAULT_PRODUCT_TEXT_TEMPLATE
+    if raw != DEFAULT_PRODUCT_TEXT_TEMPLATE:  # validate a custom one now (imports pandas, so only then)
+        from shoprank.data.contracts import parse_text_template
+
+        try:
+            parse_text_template(raw)
+        except ValueError as exc:
+            raise ConfigError(f"SHOPRANK_PRODUCT_TEXT_TEMPLATE: {exc}") from None
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved settings.  Field docs are the README's configuration table."""
@@ -119,6 +147,13 @@ class Settings:
     export_max_ndcg_delta: float = field(default=0.005, metadata={
         "env": "SHOPRANK_EXPORT_MAX_NDCG_DELTA",
         "doc": "`shoprank export` refuses an ONNX backend whose test NDCG@10 differs from PyTorch's by more"})
+    product_text_template: str = field(default=DEFAULT_PRODUCT_TEXT_TEMPLATE, metadata={
+        "env": "SHOPRANK_PRODUCT_TEXT_TEMPLATE",
+        "doc": "product text the model sees; fields {title} {brand} {category} {category_leaf} {description} "
+               "{attributes} {price}; an absent field drops with the separator before it"})
+    train_threads: int | None = field(default=None, metadata={
+        "env": "SHOPRANK_TRAIN_THREADS",
+        "doc": "torch threads per training process; empty: the worker's cores (CPU affinity) / local ranks"})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -149,6 +184,8 @@ class Settings:
             max_length=_int(env, "SHOPRANK_MAX_LENGTH", 64),
             seed=_int(env, "SHOPRANK_SEED", 42),
             export_max_ndcg_delta=_float(env, "SHOPRANK_EXPORT_MAX_NDCG_DELTA", 0.005),
+            product_text_template=_template(env),
+            train_threads=_optional_int(env, "SHOPRANK_TRAIN_THREADS", minimum=1),
         )
 
     def require_s3_credentials(self) -> tuple[str, str]:

@@ -86,7 +86,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shoprank.data.contracts import EVENT_TYPES, GRADE_MAX, JUDGMENTS, product_text
+from shoprank.data.contracts import EVENT_TYPES, GRADE_MAX, JUDGMENTS, normalize_queries, product_text
 from shoprank.datasets import SNAPSHOT_COLUMNS, frequency_buckets
 
 log = logging.getLogger(__name__)
@@ -490,10 +490,16 @@ def to_judgments(pairs: pd.DataFrame) -> pd.DataFrame:
     return JUDGMENTS.conform(pairs.assign(source="derived"))
 
 
-def to_training_rows(pairs: pd.DataFrame, catalog: pd.DataFrame, queries: pd.DataFrame | None = None) -> pd.DataFrame:
+def to_training_rows(pairs: pd.DataFrame, catalog: pd.DataFrame, queries: pd.DataFrame | None = None, *,
+                     text_template: str | None = None) -> pd.DataFrame:
     """Derived pairs -> rows in the dataset-snapshot split format (``SNAPSHOT_COLUMNS``).
 
-    ``text`` comes from :func:`~shoprank.data.contracts.product_text` of the catalogue row;
+    ``query`` is :func:`~shoprank.data.contracts.normalize_query` of the pairs' query (the
+    form serving scores); pairs that become duplicates of one (query, product) keep the row
+    with the most impressions (else the highest weight).  ``queries`` is matched on the
+    normalised text too (frequencies of variants added up).
+    ``text`` comes from :func:`~shoprank.data.contracts.product_text` of the catalogue row
+    (``text_template``: ``Settings.product_text_template``; None: the default template);
     pairs whose product is not in ``catalog`` are left out (logged).  ``query_freq_bucket``
     is the pairs' own column when present, else from ``queries`` (as in snapshots), else
     ``'tail'``.  ``category`` follows the snapshot rule, one per query: the query's category
@@ -501,11 +507,32 @@ def to_training_rows(pairs: pd.DataFrame, catalog: pd.DataFrame, queries: pd.Dat
     ``weight`` is the pairs' confidence weight (1.0 when absent).
     """
     products = catalog.drop_duplicates("product_id").set_index("product_id")
-    texts = product_text(products.reset_index()).set_axis(products.index)
+    texts = product_text(products.reset_index(), text_template).set_axis(products.index)
     known = pairs[pairs["product_id"].isin(products.index)].copy()
     if len(known) < len(pairs):
         log.warning("labels: %d derived pairs name products missing from the catalogue; left out",
                     len(pairs) - len(known))
+    known["query"] = normalize_queries(known["query"])
+    known = known[known["query"].notna() & (known["query"] != "")]
+    dup = known.duplicated(["query", "product_id"], keep=False)
+    if dup.any():
+        by = [c for c in ("impressions", "weight") if c in known.columns]
+        n = len(known)
+        if by:
+            known = known.sort_values(by, ascending=False, kind="stable")
+        known = known.drop_duplicates(["query", "product_id"], keep="first")
+        log.info("labels: %d derived pairs repeat a (normalised query, product) pair; kept the one with the most "
+                 "impressions (else weight)",
+                 n - len(known))
+    if queries is not None and len(queries):
+        queries = queries.assign(query=normalize_queries(queries["query"]))
+        queries = queries[queries["query"].notna()]
+        if queries["query"].duplicated().any():
+            agg = {"frequency": "sum"} if "frequency" in queries.columns else {}
+            if "category" in queries.columns:
+                agg["category"] = "first"  # first non-null
+            queries = queries.groupby("query", sort=False, as_index=False).agg(agg) if agg else \
+                queries.drop_duplicates("query")
     known["text"] = texts.reindex(known["product_id"]).to_numpy()
     known["grade"] = known["grade"].astype("int64")
     known["weight"] = known["weight"].astype("float64") if "weight" in known.columns else 1.0

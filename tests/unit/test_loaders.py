@@ -139,6 +139,60 @@ def test_esci_missing_products_file(tmp_path):
         load_esci(tmp_path)
 
 
+def _warned(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_esci_products_without_optional_columns(tmp_path, caplog):
+    pr = pd.DataFrame({"product_id": ["B01", "B02", "B03", "B04", "B05"],
+                       "product_title": ["USB-C cable 2m", "USB-A cable", "USB charger", "Desk lamp LED", "Lamp"],
+                       "product_locale": ["us"] * 5})
+    root = _esci(tmp_path, products=pr)
+    with caplog.at_level(logging.INFO, logger="shoprank.data.loaders"):
+        data = load_esci(root, as_of=AS_OF)
+    _assert_contracts(data)
+    warned = " ".join(_warned(caplog))
+    for col, meaning in (("product_description", "descriptions left empty"),
+                         ("product_bullet_point", "descriptions left empty"),
+                         ("product_brand", "brands left empty"), ("product_color", "no 'color' attribute")):
+        assert f"has no '{col}' column; {meaning}" in warned
+    assert data.catalog["description"].isna().all() and data.catalog["brand"].isna().all()
+    assert {json.loads(a)["locale"] for a in data.catalog["attributes"]} == {"us"}
+    assert len(data.judgments) == 5
+    assert sum("has no" in w for w in data.warnings) == 4  # collected on the result too
+
+
+def test_esci_bullet_points_only(tmp_path, caplog):
+    pr = pd.DataFrame({"product_id": ["B01", "B02"], "product_title": ["USB-C cable", "USB-A cable"],
+                       "product_bullet_point": ["braided", None], "product_brand": ["Anker", None],
+                       "product_color": [None, None], "product_locale": ["us", "us"]})
+    with caplog.at_level(logging.WARNING, logger="shoprank.data.loaders"):
+        data = load_esci(_esci(tmp_path, products=pr), as_of=AS_OF)
+    _assert_contracts(data)
+    assert "has no 'product_description' column; descriptions taken from product_bullet_point" in caplog.text
+    assert "product_bullet_point' column" not in caplog.text
+    assert data.catalog.set_index("product_id").loc["B01", "description"] == "braided"
+
+
+def test_esci_without_locale_and_version_columns(tmp_path, caplog):
+    ex = pd.DataFrame({"query": ["usb cable", "usb cable", "lampe"], "product_id": ["B01", "B02", "B06"],
+                       "esci_label": ["E", "C", "E"]})
+    pr = pd.DataFrame({"product_id": ["B01", "B02", "B06"], "product_title": ["USB-C cable", "USB-A", "Lámpara"]})
+    root = _esci(tmp_path, examples=ex, products=pr)
+    with caplog.at_level(logging.WARNING, logger="shoprank.data.loaders"):
+        data = load_esci(root, as_of=AS_OF)  # locale="us", small_version=True asked for, not applicable
+    _assert_contracts(data)
+    assert "examples.parquet has no 'product_locale' column; examples not filtered by locale 'us'" in caplog.text
+    assert "has no 'small_version' column; examples not restricted to the small version" in caplog.text
+    assert "products.parquet has no 'product_locale' column; products not filtered by locale 'us'" in caplog.text
+    assert _grades(data) == {("usb cable", "B01"): 3, ("usb cable", "B02"): 1, ("lampe", "B06"): 3}
+    assert data.catalog["attributes"].isna().all()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shoprank.data.loaders"):
+        load_esci(root, locale=None, small_version=False, as_of=AS_OF)  # nothing asked for: no locale warnings
+    assert "product_locale" not in caplog.text and "small_version" not in caplog.text
+
+
 # ---- WANDS ---------------------------------------------------------------------------------
 
 WANDS_PRODUCT = (
@@ -196,6 +250,40 @@ def test_wands_wrong_separator_and_missing_column(tmp_path):
     (tmp_path / "dataset" / "label.csv").write_text(WANDS_LABEL.replace("label\n", "grade\n", 1))
     with pytest.raises(LoaderError, match=r"label\.csv: missing column 'label'"):
         load_wands(root)
+
+
+def test_wands_only_required_columns(tmp_path, caplog):
+    product = "product_id\tproduct_name\n0\tsolid wood platform bed\n1\taccent chair\n2\tvelvet sofa\n"
+    query = "query_id\tquery\n0\tplatform bed\n1\tblue sofa\n"
+    label = "query_id\tproduct_id\tlabel\n0\t0\tExact\n0\t1\tIrrelevant\n1\t2\tPartial\n"
+    with caplog.at_level(logging.WARNING, logger="shoprank.data.loaders"):
+        data = load_wands(_wands(tmp_path, product=product, query=query, label=label), as_of=AS_OF)
+    _assert_contracts(data)
+    for expected in ("product.csv has no 'category hierarchy' column; categories set to 'unknown'",
+                     "product.csv has no 'product_description' column; descriptions left empty",
+                     "product.csv has no 'product_features' column; attributes left empty",
+                     "query.csv has no 'query_class' column; query categories left empty"):
+        assert expected in caplog.text
+    assert "product_class" not in caplog.text  # only matters with query_class
+    assert len(data.warnings) == 4
+    assert (data.catalog["category"] == "unknown").all()
+    assert data.catalog["description"].isna().all() and data.catalog["attributes"].isna().all()
+    assert data.queries["category"].isna().all()
+    assert _grades(data) == {("platform bed", "0"): 3, ("platform bed", "1"): 0, ("blue sofa", "2"): 2}
+
+
+def test_wands_query_class_gives_query_category(tmp_path, caplog):
+    data = load_wands(_wands(tmp_path), as_of=AS_OF)
+    _assert_contracts(data)
+    cats = dict(zip(data.queries["query"], data.queries["category"]))
+    assert cats == {"platform bed": "Furniture > Bedroom Furniture > Beds & Headboards > Beds",
+                    "blue sofa": "Furniture > Living Room Furniture > Sofas"}  # the duplicate row does not count
+    no_class = WANDS_PRODUCT.replace("\tproduct_class", "\tclass")
+    with caplog.at_level(logging.WARNING, logger="shoprank.data.loaders"):
+        (tmp_path / "b").mkdir()
+        data = load_wands(_wands(tmp_path / "b", product=no_class), as_of=AS_OF)
+    assert "product.csv has no 'product_class' column; query categories left empty" in caplog.text
+    assert data.queries["category"].isna().all()
 
 
 # ---- Home Depot ----------------------------------------------------------------------------
@@ -275,6 +363,33 @@ def test_homedepot_malformed(tmp_path):
         load_homedepot(root)
 
 
+def test_homedepot_without_descriptions_and_attributes(tmp_path, caplog):
+    root = _homedepot(tmp_path, attributes=None)
+    (root / "product_descriptions.csv").unlink()
+    with caplog.at_level(logging.WARNING, logger="shoprank.data.loaders"):
+        data = load_homedepot(root, as_of=AS_OF)
+    _assert_contracts(data)
+    assert "no product_descriptions.csv in" in caplog.text and "descriptions left empty" in caplog.text
+    assert "no attributes.csv in" in caplog.text and "brand and attributes left empty" in caplog.text
+    assert len(data.warnings) == 2
+    cat = data.catalog.set_index("product_id")
+    assert set(cat.index) == {"100001", "100002", "100005", "100006", "100009"}  # every judged product
+    assert cat.loc["100009", "title"] == "Café Table"
+    assert cat["description"].isna().all()
+    assert _grades(data)[("cafe table", "100009")] == 3
+
+
+def test_homedepot_test_csv_is_refused(tmp_path):
+    test_csv = "id,product_uid,product_title,search_term\n1,100001,Simpson Angle,90 degree bracket\n"
+    (tmp_path / "train.csv").write_text(test_csv, encoding="latin-1")
+    with pytest.raises(LoaderError, match=r"train\.csv: missing column 'relevance': this looks like Kaggle's "
+                                          r"unlabelled test\.csv.*needs the labelled train\.csv"):
+        load_homedepot(tmp_path)
+    (tmp_path / "train.csv").rename(tmp_path / "test.csv")
+    with pytest.raises(LoaderError, match=r"cannot find train\.csv .*found test\.csv, which has no relevance"):
+        load_homedepot(tmp_path)
+
+
 # ---- writing and CLI -----------------------------------------------------------------------
 
 def test_write_loaded_writes_three_raw_partitions(tmp_path, recording_storage):
@@ -306,3 +421,17 @@ def test_cli_import_reports_loader_error(tmp_path, capsys):
     assert err.startswith("shoprank: error: wands: ") and "does not exist" in err
     assert main(["import", "wands", str(tmp_path), "--date", "2026-11-01", "--locale", "us"]) == 2
     assert "apply to esci only" in capsys.readouterr().err
+
+
+def test_cli_import_counts_warnings(tmp_path, capsys, monkeypatch, recording_storage):
+    import shoprank.storage
+    from shoprank.cli import main
+
+    recording_storage.ensure_bucket = lambda: None
+    monkeypatch.setattr(shoprank.storage, "Storage", lambda _settings: recording_storage)
+    monkeypatch.setenv("SHOPRANK_HOME", str(tmp_path / "home"))
+    root = _homedepot(tmp_path, attributes=None)
+    assert main(["import", "homedepot", str(root), "--date", "2026-11-01"]) == 0
+    out = capsys.readouterr().out
+    assert "2 warning(s) while importing" in out  # no attributes.csv; 100009 undescribed
+    assert ("raw", "catalog", "2026-11-01") in recording_storage.partitions

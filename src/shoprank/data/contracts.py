@@ -122,13 +122,168 @@ QUERIES = Contract(
 CONTRACTS: dict[str, Contract] = {c.dataset: c for c in (CATALOG, JUDGMENTS, FEEDBACK, QUERIES)}
 
 
-def product_text(df: pd.DataFrame) -> pd.Series:
-    """The text the cross-encoder sees for a product: title, brand, category, description."""
-    parts = [df["title"].fillna("")]
-    for col in ("brand", "category", "description"):
-        if col in df.columns:
-            parts.append(df[col].fillna(""))
-    text = parts[0]
-    for p in parts[1:]:
-        text = text + " | " + p
-    return text.str.slice(0, 2000)
+# ---- product text -----------------------------------------------------------------------------
+
+#: The text the cross-encoder sees for a product, unless ``SHOPRANK_PRODUCT_TEXT_TEMPLATE`` says
+#: otherwise (``Settings.product_text_template``; ``shoprank.config`` holds the same default so
+#: that reading settings does not import pandas).
+DEFAULT_PRODUCT_TEXT_TEMPLATE = "{title} | {brand} | {category} | {description}"
+#: Fields a template may name.  ``category_leaf`` is the last level of ``"A > B > C"``;
+#: ``attributes`` (a JSON object) renders as ``"key: value, key: value"``; ``price`` as
+#: ``"12.99"`` (a price <= 0, the loaders' "unknown", counts as absent).
+PRODUCT_TEXT_FIELDS = ("title", "brand", "category", "category_leaf", "description", "attributes", "price")
+#: Whole values (after strip, any case) that mean "no value" and never reach the text.
+PLACEHOLDER_VALUES = frozenset({"", "unknown", "nan", "none", "null"})
+PRODUCT_TEXT_MAX_CHARS = 2000
+
+
+def parse_text_template(template: str) -> tuple[str, list[tuple[str, str]], str]:
+    """``template`` -> (prefix, [(separator, field), ...], suffix).
+
+    The literal text before a field (after the previous field) is that field's separator: it
+    is written only when the field is present and some earlier field was written.  Text before
+    the first field and after the last one is kept as is.  Raises ``ValueError`` for an unknown
+    field, a format spec or conversion, or a template without fields.
+    """
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"product text template {template!r}: {exc}") from None
+    prefix, parts, pending = "", [], ""
+    for literal, name, spec, conversion in parsed:
+        pending += literal
+        if name is None:
+            continue
+        if name not in PRODUCT_TEXT_FIELDS:
+            raise ValueError(f"product text template {template!r}: unknown field {{{name}}}; "
+                             f"use {', '.join('{' + f + '}' for f in PRODUCT_TEXT_FIELDS)}")
+        if spec or conversion:
+            raise ValueError(f"product text template {template!r}: {{{name}}} takes no format spec or conversion")
+        if parts:
+            parts.append((pending, name))
+        else:
+            prefix = pending
+            parts.append(("", name))
+        pending = ""
+    if not parts:
+        raise ValueError(f"product text template {template!r} names no field; e.g. {DEFAULT_PRODUCT_TEXT_TEMPLATE!r}")
+    return prefix, parts, pending
+
+
+def _present(values: pd.Series) -> pd.Series:
+    """Stripped strings; missing, empty and placeholder values -> NA."""
+    s = values.astype("string").str.strip()
+    return s.mask(s.str.lower().isin(sorted(PLACEHOLDER_VALUES)))
+
+
+def _by_unique(values: pd.Series, render) -> pd.Series:
+    """``render`` applied once per distinct non-null value (catalogues repeat values a lot)."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    rendered = pd.array([render(u) for u in uniques], dtype="string")
+    return pd.Series(rendered.take(codes, allow_fill=True), index=values.index)  # code -1 (null) -> NA
+
+
+def _scalar(v) -> str | None:
+    if v is None or (isinstance(v, float) and v != v):
+        return None
+    if isinstance(v, (dict, list)):
+        import json
+
+        return json.dumps(v, ensure_ascii=False)
+    text = str(v).strip()
+    return None if text.lower() in PLACEHOLDER_VALUES else text
+
+
+def render_attributes(value) -> str | None:
+    """``'{"color": "red", "size": "M"}'`` -> ``"color: red, size: M"``; absent values skipped.
+
+    Anything that is not a JSON object (invalid JSON, a list, a number) gives ``None``.
+    """
+    import json
+
+    if not isinstance(value, str):
+        return None
+    try:
+        obj = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    items = []
+    for k, v in obj.items():
+        key, val = str(k).strip(), _scalar(v)
+        if key and val is not None:
+            items.append(f"{key}: {val}")
+    return ", ".join(items) or None
+
+
+def _field(df: pd.DataFrame, name: str) -> pd.Series:
+    if name == "category_leaf":
+        if "category" not in df.columns:
+            return pd.Series(pd.NA, index=df.index, dtype="string")
+        return _present(_present(df["category"]).str.rsplit(">", n=1).str[-1])
+    if name not in df.columns:
+        return pd.Series(pd.NA, index=df.index, dtype="string")
+    col = df[name]
+    if name == "attributes":
+        return _by_unique(col.astype(object).where(col.notna(), None), render_attributes)
+    if name == "price":
+        price = pd.to_numeric(col, errors="coerce").astype("float64")
+        price = price.where(price > 0)
+        return _by_unique(price, lambda p: f"{p:.2f}")
+    return _present(col)
+
+
+def product_text(df: pd.DataFrame, template: str | None = None) -> pd.Series:
+    """The text the cross-encoder sees for each product row of ``df`` (a ``catalog`` frame).
+
+    ``template`` (default :data:`DEFAULT_PRODUCT_TEXT_TEMPLATE`; callers with settings pass
+    ``settings.product_text_template``) names fields of :data:`PRODUCT_TEXT_FIELDS`.  Only
+    *present* fields are written, per row: a null, empty or placeholder value ("unknown",
+    "nan", "none", "null", any case) drops together with its separator, so a product without
+    brand and description reads ``"<title> | <category>"``, never ``"<title> |  | ..."``.
+    Columns the frame lacks count as absent.  Texts are cut at 2000 characters.
+    """
+    prefix, parts, suffix = parse_text_template(template or DEFAULT_PRODUCT_TEXT_TEMPLATE)
+    text: pd.Series | None = None
+    for sep, name in parts:
+        value = _field(df, name)
+        if text is None:
+            text = value
+        else:
+            text = (text + sep + value).fillna(text).fillna(value)
+    assert text is not None
+    text = text.fillna("")
+    if prefix or suffix:
+        text = prefix + text + suffix
+    return text.str.slice(0, PRODUCT_TEXT_MAX_CHARS)
+
+
+# ---- query text ---------------------------------------------------------------------------------
+
+def normalize_query(text: str | None) -> str:
+    """The canonical form of a search query: Unicode NFKC, lower case, stripped, inner
+    whitespace runs collapsed to one space.  Nothing else (no stemming, no punctuation
+    removal).  Idempotent: ``normalize_query(normalize_query(q)) == normalize_query(q)``.
+    ``None`` gives ``""``.
+    """
+    import unicodedata
+
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        text = str(text)
+    # NFKC again after lower(): lower-casing can leave a string that NFKC would still change
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).lower())
+    return " ".join(text.split())
+
+
+def normalize_queries(queries: pd.Series) -> pd.Series:
+    """:func:`normalize_query` over a Series (once per distinct value); nulls stay null.
+
+    Returns a ``string`` Series with the input's index.
+    """
+    values = queries.astype(object).where(queries.notna(), None)
+    return _by_unique(values, normalize_query)

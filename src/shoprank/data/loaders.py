@@ -11,23 +11,41 @@ same DAGs (validation, snapshot, training) run on them unchanged.
                ``shopping_queries_dataset_products.parquet``.  Grade E=3, S=2, C=1, I=0.
                Filters: ``locale`` (default ``"us"``, ``None`` for all), ``small_version``
                (default True: only rows with ``small_version == 1``).
+               Required columns: examples ``query``, ``product_id``, ``esci_label``;
+               products ``product_id``, ``product_title``.  Optional: ``product_locale`` and
+               ``small_version`` (without them that filter is not applied),
+               ``product_description`` / ``product_bullet_point`` (description; bullet points
+               fill in missing descriptions), ``product_brand``, ``product_color``.
 ``wands``      Wayfair WANDS, tab-separated ``product.csv``, ``query.csv``, ``label.csv``.
                Grade Exact=3, Partial=2 (WANDS "partial" ~ ESCI "substitute"),
                Irrelevant=0.  Category = "category hierarchy" re-joined with " > ";
-               attributes = ``product_features`` ("name:value|name:value") as a JSON object.
-``homedepot``  Kaggle Home Depot Product Search Relevance, latin-1 CSVs ``train.csv``,
-               ``product_descriptions.csv`` and (optional) ``attributes.csv``.  The averaged
+               attributes = ``product_features`` ("name:value|name:value") as a JSON object;
+               ``queries.category`` = the most common category of the products whose
+               ``product_class`` is the query's ``query_class``.  Required columns:
+               ``product_id``, ``product_name``; ``query_id``, ``query``; ``query_id``,
+               ``product_id``, ``label``.  Every other column is optional.
+``homedepot``  Kaggle Home Depot Product Search Relevance, latin-1 CSVs ``train.csv``
+               (required: ``product_uid``, ``product_title``, ``search_term``,
+               ``relevance``; Kaggle's unlabelled ``test.csv`` is refused),
+               optional ``product_descriptions.csv`` and ``attributes.csv``.  The averaged
                1..3 relevance becomes a grade with :data:`HOMEDEPOT_THRESHOLDS`:
                < 1.5 -> 0, < 2.0 -> 1, < 2.5 -> 2, else 3.  Brand = attribute "MFG Brand Name";
-               attributes = all name/value pairs as a JSON object.
+               attributes = all name/value pairs as a JSON object.  With descriptions, the
+               products are those of ``product_descriptions.csv``; without, those of
+               ``train.csv`` (descriptions left empty).
+
+A missing *optional* file or column is never an error: the loader logs a warning naming it
+and what it means (e.g. "descriptions left empty") and collects it in
+:attr:`LoadedData.warnings`.
 
 Rules shared by the three loaders (what the public data does not say):
 
 * ``price`` is unknown in all three: 0.0 (the contract wants a non-null price >= 0).
 * ``created_at`` is unknown: every product gets ``as_of`` (default: now, UTC).
 * ``category`` is ``"unknown"`` when the data has none (ESCI, Home Depot, WANDS rows
-  without a hierarchy); ``queries.category`` is left null, so the snapshot builder falls
-  back to the category of the query's best-graded product.
+  without a hierarchy).
+* ``queries.category`` is left null (except WANDS with ``query_class``), so the snapshot
+  builder falls back to the category of the query's best-graded product.
 * ``queries.frequency`` is the number of judgments of the query: a proxy for traffic (the
   datasets publish no query log), used only for the head/torso/tail slices.
 * Query text is stripped and inner whitespace collapsed; nothing else is changed.
@@ -49,8 +67,10 @@ import datetime as dt
 import hashlib
 import io
 import json
+import functools
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -75,6 +95,8 @@ WANDS_GRADES = {"exact": 3, "partial": 2, "irrelevant": 0}
 HOMEDEPOT_TRAIN = "train.csv"
 HOMEDEPOT_DESCRIPTIONS = "product_descriptions.csv"
 HOMEDEPOT_ATTRIBUTES = "attributes.csv"
+HOMEDEPOT_TEST = "test.csv"  # Kaggle's unlabelled file: train.csv's columns without relevance
+HOMEDEPOT_TEST_COLUMNS = frozenset({"id", "product_uid", "product_title", "search_term"})
 HOMEDEPOT_BRAND_ATTRIBUTE = "MFG Brand Name"
 # relevance (mean of raters' 1..3) -> grade: r < 1.5 -> 0, < 2.0 -> 1, < 2.5 -> 2, else 3
 HOMEDEPOT_THRESHOLDS = (1.5, 2.0, 2.5)
@@ -91,11 +113,52 @@ class LoadedData:
     catalog: pd.DataFrame
     judgments: pd.DataFrame
     queries: pd.DataFrame
+    #: the warnings the loader logged (missing optional files / columns, dropped rows)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         grades = self.judgments["grade"].value_counts().sort_index()
         return {"products": len(self.catalog), "queries": len(self.queries), "judgments": len(self.judgments),
                 "grades": {int(g): int(n) for g, n in grades.items()}}
+
+
+class _CollectWarnings(logging.Handler):
+    """Collects this thread's WARNING records of the loaders' logger."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+
+def _collecting_warnings(loader: Callable[..., LoadedData]) -> Callable[..., LoadedData]:
+    """``loader`` whose result carries the warnings it logged in ``LoadedData.warnings``."""
+
+    @functools.wraps(loader)
+    def wrapper(*args: Any, **kwargs: Any) -> LoadedData:
+        handler = _CollectWarnings()
+        log.addHandler(handler)
+        try:
+            data = loader(*args, **kwargs)
+        finally:
+            log.removeHandler(handler)
+        data.warnings = handler.messages
+        return data
+
+    return wrapper
+
+
+def _missing_columns(dataset: str, path: Path, columns: Iterable[str], meaning: dict[str, str]) -> list[str]:
+    """Warn once per optional column of ``meaning`` absent from ``columns``; return those absent."""
+    columns = set(columns)
+    absent = [c for c in meaning if c not in columns]
+    for c in absent:
+        log.warning("%s: %s has no %r column; %s", dataset, path.name, c, meaning[c])
+    return absent
 
 
 # ---- reading ----------------------------------------------------------------------------
@@ -131,14 +194,20 @@ def _check_columns(columns: Iterable[str], required: Iterable[str], path: Path, 
     raise LoaderError(msg)
 
 
+def _parquet_columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a non-Parquet file
+        raise LoaderError(f"{path}: not a readable Parquet file ({exc})") from exc
+
+
 def _read_parquet(path: Path, required: list[str], optional: Iterable[str] = (),
                   filters: list | None = None) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
-    try:
-        names = pq.read_schema(path).names
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a non-Parquet file
-        raise LoaderError(f"{path}: not a readable Parquet file ({exc})") from exc
+    names = _parquet_columns(path)
     _check_columns(names, required, path)
     columns = list(dict.fromkeys([*required, *(c for c in optional if c in names)]))
     try:
@@ -253,11 +322,12 @@ def _dedupe_judgments(j: pd.DataFrame, dataset: str) -> pd.DataFrame:
 
 
 def _finish(dataset: str, products: pd.DataFrame, judgments: pd.DataFrame, as_of: pd.Timestamp,
-            restrict_catalog: bool) -> LoadedData:
+            restrict_catalog: bool, query_category: pd.Series | None = None) -> LoadedData:
     """Common tail: dedupe, referential integrity, queries, contract dtypes.
 
     ``products`` has product_id, title, description, category, brand, attributes;
-    ``judgments`` has query, product_id, grade (already mapped, NaN for unknown labels).
+    ``judgments`` has query, product_id, grade (already mapped, NaN for unknown labels);
+    ``query_category`` (optional) maps the cleaned query text to its category.
     """
     # products
     p = products.copy()
@@ -300,6 +370,8 @@ def _finish(dataset: str, products: pd.DataFrame, judgments: pd.DataFrame, as_of
     j["source"] = "human"
     q = j.groupby("query", sort=True).size().rename("frequency").reset_index()
     q["category"] = pd.NA
+    if query_category is not None and len(query_category):
+        q["category"] = q["query"].map(query_category).astype("object")
 
     data = LoadedData(
         catalog=CATALOG.conform(p.sort_values("product_id", kind="stable").reset_index(drop=True)),
@@ -321,6 +393,7 @@ def _root(path: str | Path, dataset: str) -> Path:
 
 # ---- ESCI -------------------------------------------------------------------------------
 
+@_collecting_warnings
 def load_esci(path: str | Path, *, locale: str | None = "us", small_version: bool = True,
               max_queries: int | None = None, as_of: Any = None) -> LoadedData:
     """Amazon Shopping Queries (ESCI) from the directory holding its two Parquet files."""
@@ -331,16 +404,26 @@ def load_esci(path: str | Path, *, locale: str | None = "us", small_version: boo
     ex_path = _require_file(root, ESCI_EXAMPLES, "esci")
     pr_path = _require_file(root, ESCI_PRODUCTS, "esci")
 
+    ex_names = _parquet_columns(ex_path)
     required = ["query", "product_id", "esci_label"]
-    required += ["product_locale"] if locale is not None else []
-    required += ["small_version"] if small_version else []
-    ex = _read_parquet(ex_path, required)
-    log.info("esci: %s has %d examples", ex_path.name, len(ex))
+    _check_columns(ex_names, required, ex_path)
+    wanted = {}
     if locale is not None:
-        ex = ex[ex["product_locale"].astype("string") == locale]
+        wanted["product_locale"] = f"examples not filtered by locale {locale!r} (products still are, when they can be)"
     if small_version:
+        wanted["small_version"] = "examples not restricted to the small version: all rows used"
+    absent = _missing_columns("esci", ex_path, ex_names, wanted)
+    filter_locale = locale is not None and "product_locale" not in absent
+    filter_small = small_version and "small_version" not in absent
+    ex = _read_parquet(ex_path, required + (["product_locale"] if filter_locale else [])
+                       + (["small_version"] if filter_small else []))
+    log.info("esci: %s has %d examples", ex_path.name, len(ex))
+    if filter_locale:
+        ex = ex[ex["product_locale"].astype("string") == locale]
+    if filter_small:
         ex = ex[pd.to_numeric(ex["small_version"], errors="coerce").fillna(0).astype(int) == 1]
-    log.info("esci: %d examples after filters (locale=%s, small_version=%s)", len(ex), locale, small_version)
+    log.info("esci: %d examples after filters (locale=%s, small_version=%s)", len(ex),
+             locale if filter_locale else None, filter_small)
     judgments = pd.DataFrame({
         "query": _query_text(ex["query"]),
         "product_id": _ids(ex["product_id"]),
@@ -349,8 +432,22 @@ def load_esci(path: str | Path, *, locale: str | None = "us", small_version: boo
     })
     judgments = _sample_queries(judgments, max_queries, "esci")
 
-    filters = [("product_locale", "==", locale)] if locale is not None else None
-    pr_required = ["product_id", "product_title"] + (["product_locale"] if locale is not None else [])
+    pr_names = _parquet_columns(pr_path)
+    pr_required = ["product_id", "product_title"]
+    _check_columns(pr_names, pr_required, pr_path)
+    has_desc, has_bullets = "product_description" in pr_names, "product_bullet_point" in pr_names
+    meaning = {
+        "product_description": ("descriptions taken from product_bullet_point" if has_bullets
+                                else "descriptions left empty"),
+        "product_bullet_point": ("no bullet-point fallback for products without a description" if has_desc
+                                 else "descriptions left empty"),
+        "product_brand": "brands left empty",
+        "product_color": "no 'color' attribute",
+    }
+    if locale is not None:
+        meaning["product_locale"] = f"products not filtered by locale {locale!r}"
+    absent = _missing_columns("esci", pr_path, pr_names, meaning)
+    filters = [("product_locale", "==", locale)] if locale is not None and "product_locale" not in absent else None
     optional = ["product_description", "product_bullet_point", "product_brand", "product_color", "product_locale"]
     if max_queries is not None:  # read only the products the sample judges
         ids = judgments["product_id"].dropna().unique().tolist()
@@ -396,6 +493,24 @@ def wands_features(features: Any) -> str | None:
     return _json_or_null(out)
 
 
+def _wands_query_category(qs: pd.DataFrame, pr: pd.DataFrame, category: pd.Series) -> pd.Series:
+    """query text -> the most common category of the products whose product_class is its query_class."""
+    first = ~_ids(pr["product_id"]).duplicated()  # as in the catalogue: the first row of a product wins
+    classes = pd.DataFrame({"cls": pr.loc[first, "product_class"].astype("string").str.split("|"),
+                            "category": category[first].to_numpy()}).explode("cls")
+    classes["cls"] = _text(classes["cls"])
+    classes = classes.dropna()
+    if classes.empty:
+        return pd.Series(dtype="object")
+    modal = (classes.groupby(["cls", "category"], sort=True).size().rename("n").reset_index()
+             .sort_values(["cls", "n"], ascending=[True, False], kind="stable").drop_duplicates("cls")
+             .set_index("cls")["category"])
+    per_query = pd.DataFrame({"query": _query_text(qs["query"]), "category": _text(qs["query_class"]).map(modal)})
+    per_query = per_query.dropna().drop_duplicates("query")
+    return per_query.set_index("query")["category"].astype("object")
+
+
+@_collecting_warnings
 def load_wands(path: str | Path, *, max_queries: int | None = None, as_of: Any = None) -> LoadedData:
     """Wayfair WANDS from the directory holding product.csv, query.csv, label.csv (tab-separated)."""
     root = _root(path, "wands")
@@ -408,9 +523,16 @@ def load_wands(path: str | Path, *, max_queries: int | None = None, as_of: Any =
     qs = _read_delimited(q_path, "\t", ["query_id", "query"], sep_name=tsv)
     lb = _read_delimited(l_path, "\t", ["query_id", "product_id", "label"], sep_name=tsv)
     log.info("wands: read %d products, %d queries, %d labels", len(pr), len(qs), len(lb))
-    for col in ("category hierarchy", "product_description", "product_features"):
+    no_class = "query categories left empty (snapshots use the category of each query's best-graded product)"
+    absent = _missing_columns("wands", pr_path, pr.columns, {
+        "category hierarchy": f"categories set to {UNKNOWN_CATEGORY!r}",
+        "product_description": "descriptions left empty",
+        "product_features": "attributes left empty",
+        **({"product_class": no_class} if "query_class" in qs.columns else {}),
+    })
+    absent += _missing_columns("wands", q_path, qs.columns, {"query_class": no_class})
+    for col in ("category hierarchy", "product_description", "product_features", "product_class"):
         if col not in pr.columns:
-            log.warning("wands: %s has no %r column; left empty", pr_path.name, col)
             pr[col] = pd.NA
 
     qtext = qs.assign(query_id=_text(qs["query_id"])).drop_duplicates("query_id").set_index("query_id")["query"]
@@ -427,12 +549,17 @@ def load_wands(path: str | Path, *, max_queries: int | None = None, as_of: Any =
     judgments["query"] = _query_text(judgments["query"])
     judgments = _sample_queries(judgments, max_queries, "wands")
 
+    category = _wands_category(pr["category hierarchy"])
+    query_category = None
+    if "query_class" not in absent and "product_class" not in absent:
+        query_category = _wands_query_category(qs, pr, category)
     products = pd.DataFrame({
         "product_id": pr["product_id"], "title": pr["product_name"], "description": pr["product_description"],
-        "category": _wands_category(pr["category hierarchy"]), "brand": pd.NA,
+        "category": category, "brand": pd.NA,
         "attributes": [wands_features(f) for f in pr["product_features"].astype(object)],
     })
-    return _finish("wands", products, judgments, ts, restrict_catalog=max_queries is not None)
+    return _finish("wands", products, judgments, ts, restrict_catalog=max_queries is not None,
+                   query_category=query_category)
 
 
 # ---- Home Depot -------------------------------------------------------------------------
@@ -442,6 +569,7 @@ def homedepot_grade(relevance: pd.Series | np.ndarray) -> np.ndarray:
     return np.searchsorted(np.asarray(HOMEDEPOT_THRESHOLDS), np.asarray(relevance, dtype=float), side="right")
 
 
+@_collecting_warnings
 def load_homedepot(path: str | Path, *, max_queries: int | None = None, as_of: Any = None,
                    encoding: str = "auto") -> LoadedData:
     """Kaggle Home Depot search relevance from the directory holding train.csv & co.
@@ -452,12 +580,30 @@ def load_homedepot(path: str | Path, *, max_queries: int | None = None, as_of: A
     root = _root(path, "homedepot")
     ts = _as_of(as_of)
     csv = "comma-separated"
-    tr_path = _require_file(root, HOMEDEPOT_TRAIN, "homedepot")
-    de_path = _require_file(root, HOMEDEPOT_DESCRIPTIONS, "homedepot")
+    tr_path = _locate(root, HOMEDEPOT_TRAIN)
+    if tr_path is None:
+        hint = ""
+        if _locate(root, HOMEDEPOT_TEST) is not None:
+            hint = (f"; found {HOMEDEPOT_TEST}, which has no relevance labels: the importer needs the labelled "
+                    f"{HOMEDEPOT_TRAIN}")
+        raise LoaderError(f"homedepot: cannot find {HOMEDEPOT_TRAIN} in {root} (nor in its direct subfolders){hint}")
+    de_path = _locate(root, HOMEDEPOT_DESCRIPTIONS)
     at_path = _locate(root, HOMEDEPOT_ATTRIBUTES)
-    tr = _read_delimited(tr_path, ",", ["product_uid", "product_title", "search_term", "relevance"],
+    tr = _read_delimited(tr_path, ",", ["product_uid", "product_title", "search_term"],
                          encoding=encoding, sep_name=csv)
-    de = _read_delimited(de_path, ",", ["product_uid", "product_description"], encoding=encoding, sep_name=csv)
+    if "relevance" not in tr.columns and set(tr.columns) <= HOMEDEPOT_TEST_COLUMNS:
+        raise LoaderError(f"{tr_path}: missing column 'relevance': this looks like Kaggle's unlabelled "
+                          f"{HOMEDEPOT_TEST} (columns {list(tr.columns)}); the importer needs the labelled "
+                          f"{HOMEDEPOT_TRAIN} (id, product_uid, product_title, search_term, relevance)")
+    _check_columns(tr.columns, ["relevance"], tr_path, sep_hint=csv)
+    if de_path is None:
+        log.warning("homedepot: no %s in %s; descriptions left empty (products are the judged ones of %s)",
+                    HOMEDEPOT_DESCRIPTIONS, root, HOMEDEPOT_TRAIN)
+        de = pd.DataFrame({"product_uid": pd.Series(dtype="string"),
+                           "product_description": pd.Series(dtype="string")})
+    else:
+        de = _read_delimited(de_path, ",", ["product_uid", "product_description"], encoding=encoding,
+                             sep_name=csv)
     log.info("homedepot: read %d training rows, %d descriptions", len(tr), len(de))
 
     relevance = pd.to_numeric(tr["relevance"], errors="coerce")
@@ -477,8 +623,11 @@ def load_homedepot(path: str | Path, *, max_queries: int | None = None, as_of: A
     titles = titles.dropna().drop_duplicates("product_id")
     desc = pd.DataFrame({"product_id": _ids(de["product_uid"]), "description": de["product_description"]})
     desc = desc.dropna(subset=["product_id"]).drop_duplicates("product_id")
-    # the products file is product_descriptions.csv; titles come from train.csv
-    products = desc.merge(titles, on="product_id", how="inner")
+    # the products file is product_descriptions.csv (when there is one); titles come from train.csv
+    if de_path is None:
+        products = titles.assign(description=pd.NA)
+    else:
+        products = desc.merge(titles, on="product_id", how="inner")
     products = products[products["product_id"].isin(j["product_id"])]
 
     brand = pd.Series(dtype="object")

@@ -7,6 +7,8 @@
   falling back to PyTorch), polls the aliases every ``poll_seconds`` in a background thread
   and swaps a new version in atomically once it has loaded (the old one serves until then,
   and keeps serving if the new one fails to load);
+* normalises the query (``contracts.normalize_query``: NFKC, lower case, whitespace
+  collapsed, as in training) before the length check, scoring and the cache key;
 * scores (query, text) pairs in batches of ``batch_size``; caches recent results in a bounded
   LRU keyed by (model version, backend, query, candidate ids and texts);
 * resolves candidate texts from the latest validated catalogue partition when only ids are
@@ -38,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoprank.config import ConfigError, Settings, _merged_env
+from shoprank.data.contracts import normalize_query
 from shoprank.serving.ab import CHALLENGER, CHAMPION, MODES, choose_arm
 from shoprank.serving.events import EventSink, EventsRejected, validate_events
 
@@ -297,8 +300,9 @@ class ModelManager:
 class CatalogTexts:
     """product_id -> product text from the latest validated catalogue partition (cached)."""
 
-    def __init__(self, storage: Any, refresh_seconds: float):
+    def __init__(self, storage: Any, refresh_seconds: float, template: str | None = None):
         self.storage, self.refresh_seconds = storage, refresh_seconds
+        self.template = template  # Settings.product_text_template (None: the default template)
         self.day: str | None = None
         self.texts: dict[str, str] = {}
         self._checked = 0.0
@@ -315,7 +319,7 @@ class CatalogTexts:
             if day is None or day == self.day:
                 return
             df = self.storage.read_partition("validated", "catalog", day)
-            self.texts = dict(zip(df["product_id"].astype(str), product_text(df).astype(str)))
+            self.texts = dict(zip(df["product_id"].astype(str), product_text(df, self.template).astype(str)))
             self.day = day
             log.info("catalogue texts from validated/catalog/dt=%s: %d products", day, len(self.texts))
 
@@ -388,7 +392,8 @@ class RankingService:
         self.hash_key = hash_key
         self.workdir = Path(tempfile.mkdtemp(prefix="shoprank-serve-"))
         self.models = ModelManager(settings, config, loader, resolve, metrics, self.workdir)
-        self.catalog = CatalogTexts(storage, config.catalog_refresh_seconds)
+        self.catalog = CatalogTexts(storage, config.catalog_refresh_seconds,
+                                    getattr(settings, "product_text_template", None))
         self.cache = LRU(config.cache_size)
         self.served = LRU(100_000)  # request_id -> (model_version, arm), to complete events
         self.sink = EventSink(storage, flush_size=config.events_flush_size,
@@ -481,7 +486,7 @@ class RankingService:
 
     def rank(self, req: RankRequest) -> RankResponse:
         cfg = self.config
-        query = req.query.strip()
+        query = normalize_query(req.query)  # the form training saw; also the cache key's
         if not query:
             raise InputError("query", "must not be empty")
         if len(query) > cfg.max_query_chars:
