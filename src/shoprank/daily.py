@@ -9,7 +9,12 @@ For a logical date D (one Airflow run per date):
    queries (evaluation on recent feedback), mixed with a replay sample of the golden
    snapshot's training data (``replay_ratio`` of the rows, whole queries) so the model does
    not forget; validation and test are the golden snapshot's, so every day is measured on
-   the same fixed golden test set.
+   the same fixed golden test set.  **No evaluation query reaches training:** pairs of
+   queries in the golden val or test split are dropped from the day's new pairs (counted in
+   the manifest as ``rows.dropped_eval_queries``) before the holdout is drawn, replayed
+   golden training rows of holdout queries are dropped, and
+   :func:`shoprank.datasets.check_no_leakage` refuses the snapshot if any query of the
+   train split is still in val, test or the holdout.
 4. Mode: **warm start** from the current ``@champion`` weights (not its optimizer state), or
    a **full retrain** from the base model when there is no champion, when the day's data
    drifted beyond the drift thresholds (``SHOPRANK_DRIFT_*``), or when the last full run is older than
@@ -115,7 +120,8 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
                    policy: UpdatePolicy | None = None, variant: str = "") -> dict:
     """Steps 2-4 of the module docstring; returns the daily snapshot manifest + decisions.
     Train it under ``run_key(day, variant)``."""
-    from shoprank.datasets import load_split
+    from shoprank.datasets import check_no_leakage, load_split
+    from shoprank.lexical import SNAPSHOT_STATS
     from shoprank.labels import LabelParams, derive_labels, holdout_split, mix_with_replay, to_training_rows
 
     policy = policy or UpdatePolicy.from_env()
@@ -133,13 +139,25 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
     catalog = storage.read_partition("validated", "catalog", cat_day)
     q_day = storage.latest_partition("validated", "queries", day)
     queries = storage.read_partition("validated", "queries", q_day) if q_day else None
-    rows = to_training_rows(result.pairs, catalog, queries)
+    rows = to_training_rows(result.pairs, catalog, queries, text_template=settings.product_text_template)
     if len(rows) < policy.min_pairs:
         raise NotEnoughSignal(f"feedback of {day} gave {len(rows)} labelled pairs (< {policy.min_pairs}); "
                               "nothing to learn today")
-    train_new, holdout = holdout_split(rows, policy.holdout_fraction, policy.seed, policy.max_holdout_rows)
     golden = golden_snapshot(settings, storage)
+    golden_val, golden_test = load_split(storage, golden, "val"), load_split(storage, golden, "test")
+    evaluation_queries = set(golden_val["query"].astype(str)) | set(golden_test["query"].astype(str))
+    in_eval = rows["query"].astype(str).isin(evaluation_queries)
+    if in_eval.any():
+        log.info("%d of the day's pairs (%d queries) belong to golden val/test queries: left out of training and "
+                 "of the holdout", int(in_eval.sum()), rows.loc[in_eval, "query"].nunique())
+    dropped_eval = int(in_eval.sum())
+    rows = rows[~in_eval].reset_index(drop=True)
+    if len(rows) < policy.min_pairs:
+        raise NotEnoughSignal(f"feedback of {day} gave {len(rows)} labelled pairs outside the golden val/test "
+                              f"queries (< {policy.min_pairs}); nothing to learn today")
+    train_new, holdout = holdout_split(rows, policy.holdout_fraction, policy.seed, policy.max_holdout_rows)
     replay = load_split(storage, golden, "train")
+    replay = replay[~replay["query"].astype(str).isin(set(holdout["query"].astype(str)))]
     mode, reason = choose_mode(settings, day, drifted, policy)
     if mode == "full":  # from the base model: all of the golden training data plus the new pairs
         mixed = mix_with_replay(train_new, replay, 1.0 - len(train_new) / max(len(train_new) + len(replay), 1),
@@ -151,16 +169,22 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
     champion = Registry(settings).version_by_alias("champion")
     champion_last_full = (champion.tags.get("last_full_retrain_date", "") if champion else "")
     snapshot = snapshot_name(day, variant)
+    check_no_leakage(mixed, {"val": golden_val, "test": golden_test, "recent_holdout": holdout},
+                     what=f"daily snapshot {snapshot}")
     prefix = dataset_prefix(snapshot)
     storage.write_parquet(mixed.reset_index(drop=True), prefix + "train.parquet")
-    storage.write_parquet(load_split(storage, golden, "val"), prefix + "val.parquet")
-    storage.write_parquet(load_split(storage, golden, "test"), prefix + "test.parquet")
+    storage.write_parquet(golden_val, prefix + "val.parquet")
+    storage.write_parquet(golden_test, prefix + "test.parquet")
     storage.write_parquet(holdout.reset_index(drop=True), prefix + "recent_holdout.parquet")
+    stats_key = dataset_prefix(golden) + SNAPSHOT_STATS
+    if storage.exists(stats_key):  # the golden catalogue statistics: BM25 on the same test set as ever
+        storage.put_bytes(prefix + SNAPSHOT_STATS, storage.get_bytes(stats_key), "application/json")
     manifest = {
         "snapshot": snapshot, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "golden_snapshot": golden, "mode": mode, "mode_reason": reason,
         "rows": {"train": int(len(mixed)), "new": int(len(train_new)), "replay": int(len(mixed) - len(train_new)),
-                 "recent_holdout": int(len(holdout)), "test": None},
+                 "recent_holdout": int(len(holdout)), "test": None,
+                 "dropped_eval_queries": dropped_eval},
         "sources": {"feedback": day, "catalog": cat_day, "queries": q_day},
         "label_params": params.as_params(),
         "label_stats": {k: v for k, v in result.as_metrics().items()},

@@ -4,15 +4,14 @@
 first.  Any callable with that signature can be evaluated (a served model behind HTTP, a
 champion loaded from MLflow, ...); two come with shoprank:
 
-* :class:`BM25Scorer` - the lexical baseline.  **Per query, the corpus is that query's own
-  candidates** (the same candidate set every scorer ranks; no catalogue-wide statistics), so
-  IDF reflects how discriminative a term is *among the candidates*.  Tokenisation: lowercase,
-  runs of letters/digits (regex ``\w+``, '_' as a separator), no stemming or stop words.
-  Okapi BM25 (k1=1.2, b=0.75, the Lucene/Elasticsearch defaults) from ``rank_bm25`` with the
-  Lucene IDF ``log(1 + (N - n + 0.5) / (n + 0.5))``, which stays positive.  (rank_bm25's own
-  Okapi IDF ``log((N - n + 0.5) / (n + 0.5))`` is 0 for a term in exactly half the candidates
-  and floored for commoner terms; on a query's small candidate set, where the query terms
-  are often in most candidates, that throws the signal away.  ``idf="okapi"`` selects it.)
+* :class:`BM25Scorer` - the lexical baseline, as a shop's search engine scores: Lucene BM25
+  (k1=1.2, b=0.75) with IDF and average length over the **whole validated catalogue** the
+  snapshot used (:class:`shoprank.lexical.Bm25Stats`, equal to ``bm25s``'s Lucene scores).
+  Without catalogue statistics it falls back to the older *per-candidate* variant, where
+  each query's own candidates are the corpus (``BM25Scorer(per_candidate=True)`` selects it
+  explicitly; ``idf="okapi"`` there selects rank_bm25's floored Okapi IDF).
+  Tokenisation (:func:`shoprank.lexical.tokenize`): lowercase runs of letters/digits, no
+  stemming or stop words.
 * :class:`CrossEncoderScorer` - a fine-tuned cross-encoder from a ``save_pretrained``
   directory (batched, ``torch.inference_mode``, pairs sorted by length for tight padding).
 """
@@ -22,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,16 +28,13 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from shoprank.lexical import Bm25Stats, tokenize
+
 log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[pd.DataFrame], np.ndarray]
 
-_TOKEN = re.compile(r"\w+", re.UNICODE)
-
-
-def bm25_tokenize(text: str) -> list[str]:
-    """Lowercase word tokens (letters/digits runs; '_' treated as a separator)."""
-    return [t for t in _TOKEN.findall(str(text).lower().replace("_", " ")) if t]
+bm25_tokenize = tokenize  # the one tokenizer of shoprank.lexical
 
 
 def _bm25_class(idf: str):
@@ -60,14 +55,25 @@ def _bm25_class(idf: str):
 
 
 class BM25Scorer:
-    """Okapi BM25 over each query's candidates (see module docstring)."""
+    """Lucene BM25 with catalogue statistics, else per candidate set (see module docstring)."""
 
-    def __init__(self, k1: float = 1.2, b: float = 0.75, idf: str = "lucene", epsilon: float = 0.25):
+    def __init__(self, stats: Bm25Stats | None = None, *, k1: float = 1.2, b: float = 0.75, idf: str = "lucene",
+                 epsilon: float = 0.25):
+        self.stats = stats
         self.k1, self.b, self.epsilon = k1, b, epsilon
         self.idf = idf
         self._cls = _bm25_class(idf)
 
+    @property
+    def mode(self) -> str:
+        return "catalogue" if self.stats is not None else "per-candidate"
+
     def __call__(self, df: pd.DataFrame) -> np.ndarray:
+        if self.stats is not None:
+            return self.stats.score_pairs(df["query"].astype(str).tolist(), df["text"].fillna("").astype(str).tolist())
+        return self._per_candidate(df)
+
+    def _per_candidate(self, df: pd.DataFrame) -> np.ndarray:
         scores = np.zeros(len(df), dtype=np.float64)
         texts = df["text"].fillna("").astype(str).to_numpy()
         codes, queries = pd.factorize(df["query"].astype(str), sort=False)
