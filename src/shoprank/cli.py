@@ -85,22 +85,37 @@ def print_urls(stack, first_time: bool = False) -> None:
 
 # ---- data ------------------------------------------------------------------------------
 
+# `shoprank generate` rates when not given: the default profile keeps the demo's shoppers (many
+# synonyms and typos); another profile uses its own rates (synthetic.PROFILES).
+GENERATE_DEFAULT_RATES = {"synonym_rate": 0.8, "typo_rate": 0.3}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from shoprank.data.synthetic import generate_marketplace
+    from shoprank.data.synthetic import PROFILES, generate_marketplace
     from shoprank.storage import Storage
 
     settings = get_settings()
     storage = Storage(settings)
     storage.ensure_bucket()
+    profile = PROFILES[args.profile]
+    fallback = GENERATE_DEFAULT_RATES if args.profile == "default" else {
+        "synonym_rate": profile.synonym_rate, "typo_rate": profile.typo_rate}
+    rates = {
+        "synonym_rate": fallback["synonym_rate"] if args.synonym_rate is None else args.synonym_rate,
+        "typo_rate": fallback["typo_rate"] if args.typo_rate is None else args.typo_rate,
+        "inflection_rate": profile.inflection_rate,
+    }
     market = generate_marketplace(n_products=args.products, n_queries=args.queries, seed=args.seed,
-                                  start=args.date, synonym_rate=args.synonym_rate, typo_rate=args.typo_rate)
+                                  start=args.date, profile=args.profile, **rates)
     market.write_to_storage(storage, args.date)
     from shoprank.simulation import save_marketplace_params
 
     save_marketplace_params(storage, n_products=args.products, n_queries=args.queries, seed=args.seed,
-                            start=args.date.isoformat(), synonym_rate=args.synonym_rate, typo_rate=args.typo_rate)
-    print(f"wrote synthetic marketplace for {args.date} to s3://{settings.bucket}/raw/ "
-          f"({len(market.catalog)} products, {len(market.queries)} queries, {len(market.judgments)} judgments)")
+                            start=args.date.isoformat(), profile=args.profile, **rates)
+    grades = market.judgments["grade"].value_counts().sort_index().to_dict()
+    print(f"wrote synthetic marketplace ({args.profile} profile) for {args.date} to s3://{settings.bucket}/raw/ "
+          f"({len(market.catalog)} products, {len(market.queries)} queries, {len(market.judgments)} judgments; "
+          f"grades {grades})")
     return 0
 
 
@@ -123,6 +138,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     s = data.summary()
     print(f"imported {args.kind} from {args.path} into s3://{settings.bucket}/raw/ for {args.date} "
           f"({s['products']} products, {s['queries']} queries, {s['judgments']} judgments; grades {s['grades']})")
+    if data.warnings:
+        print(f"{len(data.warnings)} warning(s) while importing (missing optional files/columns, dropped rows; "
+              "logged above)")
     print(f"next: shoprank validate catalog --date {args.date}, then trigger shoprank_train for that date")
     return 0
 
@@ -218,9 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--date", type=_date, default=dt.date.today())
-    p.add_argument("--synonym-rate", type=float, default=0.8,
-                   help="share of queries using words the catalogue never uses (BM25 cannot match them)")
-    p.add_argument("--typo-rate", type=float, default=0.3, help="share of queries with a typo")
+    p.add_argument("--profile", choices=["default", "realistic"], default="default",
+                   help="default: the demo's shop (20-40 judgments per query, a third of them irrelevant, "
+                        "shoppers who often use other words than the catalogue). realistic: like public "
+                        "e-commerce relevance sets (ESCI, WANDS): 8-20 judgments per query sampled from the "
+                        "top results of a search engine, mostly relevant; accessories and keyword-stuffed "
+                        "listings that repeat the query's words; brand and model-code queries; fewer synonyms")
+    p.add_argument("--synonym-rate", type=float, default=None,
+                   help="chance that a query uses words the catalogue never uses (BM25 cannot match them); "
+                        "default 0.8 with --profile default, the profile's own rate (0.12) with realistic")
+    p.add_argument("--typo-rate", type=float, default=None,
+                   help="chance that a query has a typo; default 0.3 with --profile default, 0.08 with realistic")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("import", help="load a public dataset (ESCI, WANDS, Home Depot) into raw/ partitions")
@@ -270,9 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the whole story on the embedded stack (see README)")
-    p.add_argument("--days", type=int, default=3)
-    p.add_argument("--products", type=int, default=1500)
-    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--days", type=int, default=3, help="simulated days of traffic and daily updates (default 3)")
+    p.add_argument("--products", type=int, default=1500, help="catalogue size of the synthetic shop (default 1500)")
+    p.add_argument("--queries", type=int, default=600,
+                   help="judged queries (default 600: a golden test split of ~120 queries, above the gate's "
+                        "SHOPRANK_GATE_MIN_TEST_QUERIES=100)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -24,6 +24,8 @@ PARAMS_KEY = "raw/_synthetic/marketplace.json"
 
 
 def save_marketplace_params(storage: Storage, **params) -> None:
+    """Record the ``generate_marketplace`` arguments (n_products, n_queries, seed, start, profile,
+    synonym_rate, typo_rate, inflection_rate) so :func:`load_marketplace` rebuilds the same shop."""
     storage.put_bytes(PARAMS_KEY, json.dumps(params, default=str).encode(), "application/json")
 
 
@@ -33,9 +35,11 @@ def load_marketplace(storage: Storage):
     if not storage.exists(PARAMS_KEY):
         raise RuntimeError(f"{storage.uri(PARAMS_KEY)} is missing: run `shoprank generate` first")
     p = json.loads(storage.get_bytes(PARAMS_KEY))
+    # parameters written before profiles existed: the default profile and its rates
     return generate_marketplace(n_products=p["n_products"], n_queries=p["n_queries"], seed=p["seed"],
-                                start=dt.date.fromisoformat(p["start"]),
-                                synonym_rate=p.get("synonym_rate", 0.3), typo_rate=p.get("typo_rate", 0.12))
+                                start=dt.date.fromisoformat(p["start"]), profile=p.get("profile", "default"),
+                                synonym_rate=p.get("synonym_rate"), typo_rate=p.get("typo_rate"),
+                                inflection_rate=p.get("inflection_rate"))
 
 
 def champion_rank_fn(settings: Settings):
