@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from shoprank.evaluation import (
-    BM25Scorer, CrossEncoderScorer, bm25_tokenize, evaluate, paired_bootstrap_ci, per_query_metrics,
+    BM25Scorer, CrossEncoderScorer, bm25_tokenize, evaluate, metric_names, paired_bootstrap_ci, per_query_metrics,
     plot_slice_metrics, plot_validation_curve,
 )
 
@@ -36,6 +36,32 @@ def test_ndcg_three_items_by_hand():
     assert m.loc["q", "ndcg_at_10"] == pytest.approx(0.913403, abs=1e-5)
     # perfect order -> 1
     assert per_query_metrics(df, np.array([3.0, 2.0, 1.0])).loc["q", "ndcg_at_10"] == pytest.approx(1.0)
+
+
+def _ndcg_by_hand(ranked_grades: list[int], gain, k: int = 10) -> float:
+    dcg = lambda gs: sum(gain(g) / math.log2(r + 2) for r, g in enumerate(gs[:k]))  # noqa: E731
+    return dcg(ranked_grades) / dcg(sorted(ranked_grades, reverse=True))
+
+
+def test_ndcg_exponential_gains_by_hand():
+    df = frame("q", [1, 3, 0, 2, 0])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])  # ranked in row order: grades 1, 3, 0, 2, 0
+    m = per_query_metrics(df, scores)
+    ranked = [1, 3, 0, 2, 0]
+    linear = _ndcg_by_hand(ranked, lambda g: g)
+    exp = _ndcg_by_hand(ranked, lambda g: 2**g - 1)
+    # DCG_exp = 1/1 + 7/log2(3) + 0 + 3/log2(5);  IDCG_exp = 7/1 + 3/log2(3) + 1/log2(4)
+    assert exp == pytest.approx((1 + 7 / math.log2(3) + 3 / math.log2(5)) / (7 + 3 / math.log2(3) + 1 / 2))
+    assert m.loc["q", "ndcg_at_10"] == pytest.approx(linear, abs=1e-6)
+    assert m.loc["q", "ndcg_exp_at_10"] == pytest.approx(exp, abs=1e-6)
+    assert abs(linear - exp) > 0.05  # exponential gains punish the grade-1 item on top harder
+    # the three-item example: linear 0.913403, exponential (3 + 7/log2 3) / (7 + 3/log2 3)
+    m3 = per_query_metrics(frame("q", [3, 2, 0]), np.array([0.2, 0.9, 0.1]))
+    assert m3.loc["q", "ndcg_exp_at_10"] == pytest.approx((3 + 7 / math.log2(3)) / (7 + 3 / math.log2(3)), abs=1e-6)
+    # perfect order -> 1; no gain -> NaN; names: ndcg_at_10 stays first (primary), exp is added last
+    assert per_query_metrics(df, np.array([2.0, 5.0, 0.0, 3.0, 1.0])).loc["q", "ndcg_exp_at_10"] == pytest.approx(1.0)
+    assert math.isnan(per_query_metrics(frame("z", [0, 0]), np.array([1.0, 0.0])).loc["z", "ndcg_exp_at_10"])
+    assert metric_names() == ["ndcg_at_10", "mrr_at_10", "recall_at_10", "recall_at_20", "ndcg_exp_at_10"]
 
 
 def test_ndcg_only_counts_top_10():
@@ -160,7 +186,8 @@ def test_evaluate_report_names_deltas_and_slices():
     report = evaluate(df, {"model": oracle, "bm25": BM25Scorer(), "champion": oracle},
                       baseline_names=("bm25", "champion"), n_boot=300)
     d = report.to_dict()
-    for key in ("ndcg_at_10", "mrr_at_10", "recall_at_10", "recall_at_20", "n_queries",
+    assert report.primary_metric == "ndcg_at_10"
+    for key in ("ndcg_at_10", "mrr_at_10", "recall_at_10", "recall_at_20", "ndcg_exp_at_10", "n_queries",
                 "bm25_ndcg_at_10", "champion_ndcg_at_10",
                 "delta_ndcg_at_10_vs_bm25", "delta_ndcg_at_10_vs_bm25_lo", "delta_ndcg_at_10_vs_bm25_hi",
                 "delta_mrr_at_10_vs_champion_lo", "query_freq_bucket_head_ndcg_at_10",

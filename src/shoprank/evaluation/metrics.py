@@ -6,13 +6,29 @@ Definitions (the same for every scorer, so numbers compare across runs):
   by a stable hash of ``product_id`` (independent of row order, identical across scorers and
   runs), so a scorer that gives many candidates the same score (BM25 gives 0 to every
   candidate without a query term) is not flattered by the order in which rows were written.
-* **NDCG@10**: ``RetrievalNormalizedDCG(top_k=10)``, gain = grade (0..3, linear gains),
-  discount ``1 / log2(rank + 1)``, normalised by the ideal ordering of the same candidates.
+* **NDCG@10** (``ndcg_at_10``, the primary metric): ``RetrievalNormalizedDCG(top_k=10)``,
+  gain = grade (0..3, linear gains), discount ``1 / log2(rank + 1)``, normalised by the ideal
+  ordering of the same candidates::
+
+      DCG@k = sum_{r=1..k} g_r / log2(r + 1),   NDCG@k = DCG@k / IDCG@k
+
+  where ``g_r`` is the grade at rank ``r`` and ``IDCG@k`` the DCG@k of the grades sorted
+  descending.
+* **NDCG@10, exponential gains** (``ndcg_exp_at_10``): the same with gain ``2**grade - 1``
+  (0, 1, 3, 7 for grades 0..3), the form used in most published learning-to-rank results
+  (Burges et al. 2005; LETOR, MSLR-WEB, Yahoo! LTR)::
+
+      DCG_exp@k = sum_{r=1..k} (2**g_r - 1) / log2(r + 1),   NDCG_exp@k = DCG_exp@k / IDCG_exp@k
+
+  computed as ``RetrievalNormalizedDCG`` on the transformed targets ``2**grade - 1`` (its gain
+  is the target itself).  It weighs exact matches (grade 3) much more than partial ones, so
+  it is reported next to, not instead of, ``ndcg_at_10``; names in :func:`metric_names`
+  keep ``ndcg_at_10`` first.
 * **MRR@10**: ``RetrievalMRR(top_k=10)`` with relevant = ``grade >= relevant_grade`` (default
   2: substitute or exact).
 * **Recall@k**: ``RetrievalRecall(top_k=k)``, same relevance threshold, over the query's judged
   candidates (not the whole catalogue).
-* Queries where a metric is undefined (no grade > 0 for NDCG; no relevant candidate for MRR /
+* Queries where a metric is undefined (no grade > 0 for either NDCG; no relevant candidate for MRR /
   recall) get NaN for that metric and are left out of its mean.
 
 torchmetrics' MRR and recall treat candidates with a score <= 0 as never retrieved; scores are
@@ -35,7 +51,8 @@ RELEVANT_GRADE = 2
 
 
 def metric_names(ndcg_k: int = NDCG_K, mrr_k: int = MRR_K, recall_ks: Sequence[int] = RECALL_KS) -> list[str]:
-    return [f"ndcg_at_{ndcg_k}", f"mrr_at_{mrr_k}", *[f"recall_at_{k}" for k in recall_ks]]
+    """Metric names in report order; the first (``ndcg_at_<k>``) is the primary metric."""
+    return [f"ndcg_at_{ndcg_k}", f"mrr_at_{mrr_k}", *[f"recall_at_{k}" for k in recall_ks], f"ndcg_exp_at_{ndcg_k}"]
 
 
 def _per_query(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -90,12 +107,14 @@ def per_query_metrics(
     }
     for k in recall_ks:
         out[f"recall_at_{k}"] = run(RetrievalRecall(top_k=k, aggregation=_per_query), relevant)
+    exp_gain = torch.pow(2.0, graded.double()) - 1.0  # 2**grade - 1: 0, 1, 3, 7
+    out[f"ndcg_exp_at_{ndcg_k}"] = run(RetrievalNormalizedDCG(top_k=ndcg_k, aggregation=_per_query), exp_gain)
     frame = pd.DataFrame(out, index=pd.Index(queries, name="query"))
     if len(frame) != n_q:  # pragma: no cover - torchmetrics contract
         raise RuntimeError("torchmetrics returned a different number of queries")
     n_relevant = np.bincount(codes, weights=relevant.numpy().astype(float), minlength=n_q)
     any_gain = np.bincount(codes, weights=grades.astype(float), minlength=n_q) > 0
-    frame.loc[~any_gain, f"ndcg_at_{ndcg_k}"] = np.nan
+    frame.loc[~any_gain, [f"ndcg_at_{ndcg_k}", f"ndcg_exp_at_{ndcg_k}"]] = np.nan
     binary_cols = [c for c in frame.columns if not c.startswith("ndcg")]
     frame.loc[n_relevant == 0, binary_cols] = np.nan
     frame["n_candidates"] = np.bincount(codes, minlength=n_q)

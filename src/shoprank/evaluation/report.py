@@ -7,11 +7,11 @@ by a paired bootstrap over queries, overall and per slice.
 Flat metric names (:meth:`EvaluationReport.to_dict`) are the same in every run so MLflow's
 compare view lines them up::
 
-    ndcg_at_10, mrr_at_10, recall_at_10, recall_at_20, n_queries      candidate
-    bm25_ndcg_at_10, champion_mrr_at_10, ...                           baselines
-    delta_ndcg_at_10_vs_bm25, delta_ndcg_at_10_vs_bm25_lo / _hi        paired bootstrap
-    query_freq_bucket_head_ndcg_at_10, category_shoes_bm25_ndcg_at_10  slices
-    delta_ndcg_at_10_vs_champion_query_freq_bucket_tail_lo / _hi       slice deltas (primary metric)
+    ndcg_at_10, mrr_at_10, recall_at_10, recall_at_20, ndcg_exp_at_10, n_queries  candidate
+    bm25_ndcg_at_10, champion_mrr_at_10, ...                                      baselines
+    delta_ndcg_at_10_vs_bm25, delta_ndcg_at_10_vs_bm25_lo / _hi                   paired bootstrap
+    query_freq_bucket_head_ndcg_at_10, category_shoes_bm25_ndcg_at_10             slices
+    delta_ndcg_at_10_vs_champion_query_freq_bucket_tail_lo / _hi                  slice deltas (primary metric)
 
 Slices: ``query_freq_bucket`` and ``category`` are *query-level* attributes; when a column
 varies within a query the query takes its most frequent value.
@@ -116,9 +116,10 @@ class EvaluationReport:
 
     def summary(self) -> str:
         """Plain-text table for logs / the approval card."""
-        lines = ["scorer".ljust(14) + "".join(m.rjust(14) for m in self.metrics)]
+        w = max([14, *(len(m) + 2 for m in self.metrics)])  # "ndcg_exp_at_10" is 14 wide: keep a gap
+        lines = ["scorer".ljust(14) + "".join(m.rjust(w) for m in self.metrics)]
         for name, values in self.overall.items():
-            lines.append(name.ljust(14) + "".join(f"{values.get(m, float('nan')):14.4f}" for m in self.metrics))
+            lines.append(name.ljust(14) + "".join(f"{values.get(m, float('nan')):{w}.4f}" for m in self.metrics))
         for d in self.deltas:
             if d.slice_column is None:
                 lines.append(

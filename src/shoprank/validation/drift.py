@@ -10,14 +10,67 @@ feedback
     ``event_type_mix_psi``  PSI of impression / click / add_to_cart / purchase shares
     ``query_mix_psi``       PSI of the queries searched (one count per request, top K)
     ``click_position_psi``  PSI of where clicks land (positions 1..N, then buckets)
-    ``ctr_by_position``     largest absolute change of CTR at positions 1..N; drifts when a
-                            change is over the threshold and significant (z-test, ``alpha``)
+    ``ctr_by_position``     largest absolute change of CTR at positions 1..N
 
-PSI reads as: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 major shift.  Categories rarer
-than ``min_share`` of the reference day are pooled (PSI over many sparse bins is biased
-upwards on small days).  With large
-samples KS p-values are always tiny, so the KS *statistic* (largest gap between the two
-CDFs) is compared to the threshold; the p-value is reported for information.
+PSI reads as: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 major shift -- for the true
+distributions.  Categories (queries, top-level categories) keep their own bin when they are
+among the K most frequent of the two days pooled, have at least ``min_share`` of them and an
+expected count of at least ``MIN_EXPECTED`` (5, the usual chi-square rule) on the smaller day;
+the rest are pooled as ``(other)`` on both days.  The bins are chosen on the pooled days,
+not the reference alone: on a small reference day every query it saw would get a bin and the
+current day's unseen queries would all land in ``(other)``, 0 % vs ~30 % on steady traffic.
+
+Sample size: threshold + sampling noise
+---------------------------------------
+Every measure is an estimate from two finite samples, and two days drawn from the *same*
+distribution still differ.  The PSI over k categories of two samples of sizes n1, n2 of one
+distribution is, asymptotically, a chi-square statistic over the effective sample size::
+
+    PSI_0 ~ (1/n1 + 1/n2) * chi2(k - 1),   E[PSI_0] = (k - 1) * (1/n1 + 1/n2)
+
+so 300 searches a day over 40 queries give PSI ~ 0.26 on steady traffic, over the 0.2
+threshold by noise alone.  With ``E0`` the expected value of a measure when nothing changed
+(its sampling bias) and ``q0`` its ``1 - alpha`` quantile then, a metric drifts when the
+noise-corrected change is over the threshold *and* the change is beyond sampling error (a
+test of "no change" at level ``alpha``)::
+
+    drift  <=>  value - E0 > threshold  and  value > q0
+           <=>  value > threshold + noise,    noise = max(E0, q0 - threshold)
+
+Steady traffic therefore raises an alarm with probability at most ``alpha`` per metric
+whatever the day's size, and a real change larger than the threshold is flagged once the
+days are large enough for it to stand out of the noise.  Per measure:
+
+* **PSI**: ``E0`` and ``q0`` are the mean and ``1 - alpha`` quantile of the PSI of two
+  multinomial samples of sizes n1, n2 from the pooled shares ``(c1 + c2) / (n1 + n2)``
+  (parametric bootstrap, ``NOISE_DRAWS`` draws, fixed seed, the same :func:`psi` -- so the eps
+  smoothing of empty bins, which makes small days noisier than the chi-square form, is
+  included).  Asymptotically ``E0 = (k - 1)(1/n1 + 1/n2)`` and
+  ``q0 = (1/n1 + 1/n2) * chi2.ppf(1 - alpha, k - 1)``; both forms and the bootstrap p-value
+  are in the metric's ``details``.
+* **KS** (``price_ks``): with ``s = sqrt((n1 + n2) / (n1 n2))``, ``E0 = 0.8687 s`` (mean of the
+  Kolmogorov distribution, sqrt(pi/2) ln 2) and ``q0 = c(alpha) s``,
+  ``c(alpha) = sqrt(-ln(alpha / 2) / 2)`` (asymptotic two-sample critical value).
+* **CTR at a position** (clicks / impressions, two proportions, change ``d = ctr2 - ctr1``):
+  under no change ``d ~ N(0, se^2)``, ``se = sqrt(p (1 - p) (1/n1 + 1/n2))`` with ``p`` the
+  pooled CTR (the two-proportion z-test), so ``E0 = sqrt(2/pi) se`` (mean of ``|d|``) and
+  ``q0 = Phi^-1(1 - alpha / (2 m)) se`` (``|d| > q0`` <=> z-test p-value < ``alpha / m``; the
+  Bonferroni correction over the ``m`` positions compared keeps the metric's false-alarm rate
+  at ``alpha``).  A position drifts when ``|d| > threshold + noise_p``.  The metric's value is
+  the largest raw ``|d|`` and its ``noise`` is that value minus the largest
+  ``|d_p| - noise_p``, so the metric's ``value > threshold + noise`` holds exactly when some
+  position drifts.
+
+``alpha`` (``SHOPRANK_DRIFT_ALPHA``, default 0.001) is shared by all measures; ``alpha >= 1``
+turns the noise correction off (``noise = 0``: raw ``value > threshold``).  The thresholds
+are the same settings as before (``SHOPRANK_DRIFT_PSI_THRESHOLD``, ``..._KS_THRESHOLD``,
+``..._CTR_ABS_THRESHOLD``).  Each metric records the raw ``value``, the ``threshold``, the
+``noise`` and a ``status`` derived from that one comparison: ``drift``, ``within_noise``
+(over the raw threshold, not over threshold + noise -- printed ``[within noise: ...]``,
+never ``[ok]``) or ``ok`` (at most the threshold).
+
+With large samples KS p-values are always tiny, so the KS *statistic* (largest gap between
+the two CDFs) is compared to the threshold; the p-value is reported for information.
 
 Drift warns by default (``DriftOptions.mode="warn"``): the report is written to
 ``reports/drift/<dataset>/dt=D.json`` and the log says what moved.  With ``mode="block"``
@@ -46,6 +99,10 @@ DRIFT_DATASETS = ("catalog", "feedback")
 DRIFT_COLUMNS = {"catalog": ["price", "category"], "feedback": ["request_id", "query", "position", "event_type"]}
 OTHER = "(other)"
 EPS = 1e-4
+NOISE_DRAWS = 4000  # parametric-bootstrap draws for the PSI noise band
+NOISE_SEED = 20261121  # fixed: the same two days always give the same band
+KS_MEAN = float(np.sqrt(np.pi / 2) * np.log(2))  # 0.8687, mean of the Kolmogorov distribution
+MIN_EXPECTED = 5.0  # a category keeps its own PSI bin when expected >= 5 times on the smaller day
 
 
 def drift_report_key(dataset: str, day: dt.date | str) -> str:
@@ -60,17 +117,44 @@ def _iso(day: dt.date | str) -> str:
 class DriftMetric:
     name: str
     method: str  # "psi" | "ks" | "max_abs_diff"
-    value: float | None
+    value: float | None  # raw measure
     threshold: float
-    drifted: bool
+    drifted: bool  # value > threshold + noise (see module docstring)
     details: dict[str, Any] = field(default_factory=dict)
     note: str | None = None  # why not evaluated
+    noise: float | None = None  # sampling-noise band added to the threshold (0: none)
+
+    @classmethod
+    def decide(cls, name: str, method: str, value: float, threshold: float, noise: float,
+               details: dict[str, Any] | None = None) -> "DriftMetric":
+        """The metric with ``drifted = value > threshold + noise`` (NaN value: not drifted)."""
+        value, noise = float(value), float(noise)
+        drifted = bool(np.isfinite(value) and value > threshold + noise)
+        return cls(name, method, round(value, 6), threshold, drifted, details or {}, noise=round(noise, 6))
+
+    @property
+    def status(self) -> str:
+        """``not_evaluated`` | ``drift`` | ``within_noise`` | ``ok``, from the decision's own numbers."""
+        if self.value is None:
+            return "not_evaluated"
+        if self.drifted:
+            return "drift"
+        if self.value > self.threshold:
+            return "within_noise"  # over the raw threshold, not beyond the sampling noise
+        return "ok"
 
     def describe(self) -> str:
-        if self.value is None:
+        status = self.status
+        if status == "not_evaluated":
             return f"{self.name}: not evaluated ({self.note})"
-        flag = "DRIFT" if self.drifted else "ok"
-        return f"{self.name} ({self.method}) = {self.value:.4f} vs threshold {self.threshold} [{flag}]"
+        noise = self.noise or 0.0
+        head = f"{self.name} ({self.method}) = {self.value:.4f} vs threshold {self.threshold} + noise {noise:.4f}"
+        if status == "drift":
+            return f"{head} [DRIFT]"
+        if status == "within_noise":
+            return (f"{head} [within noise: {self.value:.4f} > {self.threshold} but "
+                    f"<= {self.threshold + noise:.4f}, not beyond sampling error]")
+        return f"{head} [ok]"
 
 
 @dataclass
@@ -98,12 +182,16 @@ class DriftReport:
     def summary(self) -> str:
         if self.status == "no_reference":
             return f"{self.dataset} dt={self.day}: no earlier validated partition to compare with; drift not evaluated"
+        noisy = sum(m.status == "within_noise" for m in self.metrics)
         head = (f"{self.dataset} dt={self.day} vs dt={self.reference_day}: "
-                f"{len(self.drifted)} of {len(self.metrics)} drift metrics over threshold (mode={self.mode})")
+                f"{len(self.drifted)} of {len(self.metrics)} drift metrics over threshold beyond sampling noise"
+                + (f", {noisy} over threshold within noise" if noisy else "") + f" (mode={self.mode})")
         return "\n".join([head, *("  - " + m.describe() for m in self.metrics)])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for m, md in zip(self.metrics, d["metrics"]):
+            md["status"] = m.status
         d["drifted_metrics"] = [m.name for m in self.drifted]
         return d
 
@@ -121,10 +209,22 @@ def psi(reference: pd.Series, current: pd.Series, eps: float = EPS) -> float:
     return float(((q - p) * np.log(q / p)).sum())
 
 
-def _top_k_counts(ref: pd.Series, cur: pd.Series, k: int, min_share: float = 0.0) -> tuple[pd.Series, pd.Series]:
-    ref_counts = ref.value_counts(dropna=False)
-    top = ref_counts.iloc[:k]
-    keep = set(top.index[top >= min_share * max(len(ref), 1)])
+def _top_k_counts(ref: pd.Series, cur: pd.Series, k: int, min_share: float = 0.0,
+                  min_expected: float = MIN_EXPECTED) -> tuple[pd.Series, pd.Series]:
+    """Counts of the categories kept separate on both days, the rest pooled as ``(other)``.
+
+    Kept: the ``k`` most frequent of the two days *pooled*, with a pooled share of at least
+    ``min_share`` and an expected count of at least ``min_expected`` on the smaller day.  The
+    choice is symmetric in the two days: choosing on the reference alone would put every
+    query of a small reference day in its own bin and all of the current day's unseen ones in
+    ``(other)`` (0 vs 30 % on steady traffic), a difference made by the selection, not the data.
+    """
+    ref_counts, cur_counts = ref.value_counts(dropna=False), cur.value_counts(dropna=False)
+    both = ref_counts.add(cur_counts, fill_value=0).sort_values(ascending=False, kind="stable")
+    total, smaller = max(len(ref) + len(cur), 1), min(len(ref), len(cur))
+    share = both / total
+    top = share.iloc[:k]
+    keep = set(top.index[(top >= min_share) & (top * smaller >= min_expected)])
 
     def pool(counts: pd.Series) -> pd.Series:
         inside = counts[counts.index.isin(keep)]
@@ -147,10 +247,60 @@ def _share_table(ref: pd.Series, cur: pd.Series, limit: int = 15) -> dict[str, d
     return {str(k): {c: round(float(v), 5) for c, v in row.items()} for k, row in table.iterrows()}
 
 
+def _aligned(reference: pd.Series, current: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    cats = reference.index.union(current.index)
+    return (reference.reindex(cats, fill_value=0).to_numpy(float), current.reindex(cats, fill_value=0).to_numpy(float))
+
+
+def psi_null(reference: pd.Series, current: pd.Series, draws: int = NOISE_DRAWS, seed: int = NOISE_SEED,
+             eps: float = EPS) -> np.ndarray:
+    """PSI of ``draws`` pairs of samples of the two days' sizes from their pooled shares (no change)."""
+    r, c = _aligned(reference, current)
+    n1, n2 = int(round(r.sum())), int(round(c.sum()))
+    if n1 <= 0 or n2 <= 0:
+        return np.full(draws, np.nan)
+    pooled = (r + c) / (r + c).sum()
+    rng = np.random.default_rng(seed)
+    p = np.clip(rng.multinomial(n1, pooled, size=draws) / n1, eps, None)
+    q = np.clip(rng.multinomial(n2, pooled, size=draws) / n2, eps, None)
+    return ((q - p) * np.log(q / p)).sum(axis=1)
+
+
+def noise_margin(expected: float, critical: float, threshold: float, alpha: float) -> float:
+    """``max(E0, q0 - threshold)``: ``value > threshold + this`` <=> ``value - E0 > threshold and value > q0``."""
+    if alpha >= 1:
+        return 0.0
+    return float(max(expected, critical - threshold))
+
+
+def psi_noise(reference: pd.Series, current: pd.Series, alpha: float, value: float | None = None) -> dict[str, Any]:
+    """Sampling noise of :func:`psi` for these two count vectors: ``E0``, ``q0`` (module docstring)."""
+    from scipy.stats import chi2
+
+    r, c = _aligned(reference, current)
+    n1, n2, k = float(r.sum()), float(c.sum()), int(((r + c) > 0).sum())
+    inv = (1 / n1 + 1 / n2) if n1 > 0 and n2 > 0 else float("nan")
+    out: dict[str, Any] = {"n_reference": int(n1), "n_current": int(n2), "categories": k, "alpha": alpha,
+                           "asymptotic_expected": _r((k - 1) * inv, 6),
+                           "asymptotic_critical": _r(inv * chi2.ppf(1 - alpha, k - 1), 6) if 0 < alpha < 1 else None}
+    if alpha >= 1 or k <= 1:
+        out.update(expected=0.0, critical=0.0)
+        return out
+    null = psi_null(reference, current)
+    out.update(expected=float(np.mean(null)), critical=float(np.quantile(null, 1 - alpha)))
+    if value is not None and np.isfinite(value):
+        out["p_value"] = _r((1 + int((null >= value).sum())) / (len(null) + 1), 6)
+    return out
+
+
 def _psi_metric(name: str, ref: pd.Series, cur: pd.Series, opts: DriftOptions) -> DriftMetric:
     value = psi(ref, cur)
-    return DriftMetric(name, "psi", round(value, 6), opts.psi_threshold, bool(value > opts.psi_threshold),
-                       details={"largest_share_changes": _share_table(ref, cur)})
+    noise = psi_noise(ref, cur, opts.alpha, value)
+    margin = noise_margin(noise["expected"], noise["critical"], opts.psi_threshold, opts.alpha)
+    noise["expected"], noise["critical"] = _r(noise["expected"], 6), _r(noise["critical"], 6)
+    return DriftMetric.decide(name, "psi", value, opts.psi_threshold, margin,
+                              details={**noise, "noise_corrected": _r(value - noise["expected"], 6),
+                                       "largest_share_changes": _share_table(ref, cur)})
 
 
 def _not_evaluated(name: str, method: str, threshold: float, why: str) -> DriftMetric:
@@ -168,10 +318,16 @@ def catalog_drift(cur: pd.DataFrame, ref: pd.DataFrame, opts: DriftOptions) -> l
                 _not_evaluated("price_psi", "psi", opts.psi_threshold, why)]
     else:
         ks = stats.ks_2samp(rp, cp)
-        out.append(DriftMetric("price_ks", "ks", round(float(ks.statistic), 6), opts.ks_threshold,
-                               bool(ks.statistic > opts.ks_threshold),
-                               details={"p_value": float(ks.pvalue), "reference_median": float(np.median(rp)),
-                                        "current_median": float(np.median(cp))}))
+        # under no change: E0 = 0.8687 s, q0 = c(alpha) s, s = sqrt((n1 + n2) / (n1 n2))
+        scale = np.sqrt((len(rp) + len(cp)) / (len(rp) * len(cp)))
+        expected = KS_MEAN * scale
+        critical = np.sqrt(-np.log(opts.alpha / 2) / 2) * scale if opts.alpha < 1 else 0.0
+        out.append(DriftMetric.decide(
+            "price_ks", "ks", float(ks.statistic), opts.ks_threshold,
+            noise_margin(expected, critical, opts.ks_threshold, opts.alpha),
+            details={"p_value": float(ks.pvalue), "alpha": opts.alpha, "n_reference": len(rp), "n_current": len(cp),
+                     "expected": _r(expected, 6), "critical": _r(critical, 6),
+                     "reference_median": float(np.median(rp)), "current_median": float(np.median(cp))}))
         edges = np.unique(np.quantile(rp, np.linspace(0, 1, 11)[1:-1]))
         bins = np.concatenate([[-np.inf], edges, [np.inf]])
         labels = [f"<= {e:.2f}" for e in edges] + [f"> {edges[-1]:.2f}" if len(edges) else "all"]
@@ -229,31 +385,43 @@ def feedback_drift(cur: pd.DataFrame, ref: pd.DataFrame, opts: DriftOptions) -> 
 
     rt, ct = ctr(ref), ctr(cur)
     ok = (rt["impression"] >= opts.min_impressions_per_position) & (ct["impression"] >= opts.min_impressions_per_position)
-    # two-proportion z-test per position: a change must be large AND not sampling noise
-    pooled = (rt["click"] + ct["click"]) / (rt["impression"] + ct["impression"]).where(lambda x: x > 0)
-    se = np.sqrt(pooled * (1 - pooled) * (1 / rt["impression"].where(rt["impression"] > 0)
-                                          + 1 / ct["impression"].where(ct["impression"] > 0)))
-    diff = (ct["ctr"] - rt["ctr"])
+    # per position, under no change d ~ N(0, se^2) (two-proportion z-test, pooled CTR):
+    # E0 = sqrt(2/pi) se, q0 = z(1 - alpha/2m) se; drifts when |d| > threshold + max(E0, q0 - threshold)
     from scipy.stats import norm
 
+    n1, n2 = rt["impression"].where(rt["impression"] > 0), ct["impression"].where(ct["impression"] > 0)
+    diff = ct["ctr"] - rt["ctr"]
+    pooled = (rt["click"] + ct["click"]) / (n1 + n2)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    tested = max(int(ok.sum()), 1)  # Bonferroni: alpha is for the metric, not for each position
+    z = float(norm.ppf(1 - opts.alpha / (2 * tested))) if opts.alpha < 1 else 0.0
+    thr = opts.ctr_abs_threshold
+    margin = pd.Series([noise_margin(np.sqrt(2 / np.pi) * e, z * e, thr, opts.alpha) if pd.notna(e) else np.nan
+                        for e in se], index=diff.index)
     p_value = pd.Series(2 * norm.sf(np.abs(diff / se.where(se > 0))), index=diff.index)
     table = {int(p): {"reference_ctr": _r(rt.at[p, "ctr"]), "current_ctr": _r(ct.at[p, "ctr"]),
                       "reference_impressions": int(rt.at[p, "impression"]),
-                      "current_impressions": int(ct.at[p, "impression"]), "p_value": _r(p_value.at[p], 8)}
+                      "current_impressions": int(ct.at[p, "impression"]), "abs_diff": _r(abs(diff.at[p])),
+                      "noise": _r(margin.at[p]), "p_value": _r(p_value.at[p], 8)}
              for p in rt.index}
     if not ok.any():
-        out.append(_not_evaluated("ctr_by_position", "max_abs_diff", opts.ctr_abs_threshold,
+        out.append(_not_evaluated("ctr_by_position", "max_abs_diff", thr,
                                   f"no position has {opts.min_impressions_per_position} impressions on both days"))
     else:
         absdiff = diff.abs()[ok]
+        beyond = (absdiff - margin[ok]).fillna(-np.inf)  # change beyond its sampling noise
         worst = int(absdiff.idxmax())
         value = float(absdiff.max())
-        flagged = [int(p) for p in absdiff.index
-                   if absdiff[p] > opts.ctr_abs_threshold and pd.notna(p_value[p]) and p_value[p] < opts.alpha]
-        out.append(DriftMetric("ctr_by_position", "max_abs_diff", round(value, 6), opts.ctr_abs_threshold,
-                               bool(flagged),
-                               details={"worst_position": worst, "drifted_positions": flagged, "alpha": opts.alpha,
-                                        "by_position": table}))
+        best = float(beyond.max())
+        flagged = [int(p) for p in beyond.index if beyond[p] > thr]
+        metric = DriftMetric.decide("ctr_by_position", "max_abs_diff", value, thr,
+                                    value - best if np.isfinite(best) else float("inf"),
+                                    details={"worst_position": worst, "drifted_positions": flagged,
+                                             "alpha": opts.alpha, "positions_tested": tested,
+                                             "largest_change_beyond_noise": _r(best, 6),
+                                             "by_position": table})
+        metric.drifted = bool(flagged)  # the same comparison per position (value - noise == best)
+        out.append(metric)
     return out
 
 

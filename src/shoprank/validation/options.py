@@ -27,8 +27,8 @@ class DriftOptions:
     ctr_abs_threshold: float = 0.05  # largest tolerated change of CTR at a position (absolute)
     ctr_positions: int = 10  # CTR by position is compared for positions 1..N
     top_k: int = 50  # categories / queries beyond the K most frequent are pooled as "(other)"
-    min_share: float = 0.01  # ... and so are those under this share of the reference day (PSI is noisy on rare bins)
-    alpha: float = 0.001  # a CTR change counts only if a two-proportion z-test gives p below this
+    min_share: float = 0.01  # ... and so are those under this share of the two days pooled (PSI is noisy on rare bins)
+    alpha: float = 0.001  # a drift counts only beyond sampling error at this level (every measure; see drift.py)
     min_rows: int = 200  # fewer rows on either day: metric reported as not evaluated
     min_impressions_per_position: int = 50  # CTR at a position needs this many impressions
 
