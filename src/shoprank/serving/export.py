@@ -151,8 +151,12 @@ def _copy_side_files(model_dir: Path, out_dir: Path, meta: dict) -> None:
     from shoprank.models import TRAINING_META_FILE, load_tokenizer
 
     load_tokenizer(str(model_dir)).save_pretrained(str(out_dir))
-    if (model_dir / TRAINING_META_FILE).is_file():
-        shutil.copy2(model_dir / TRAINING_META_FILE, out_dir / TRAINING_META_FILE)
+    from shoprank.fusion import FUSION_FILE
+    from shoprank.lexical import STATS_FILE
+
+    for name in (TRAINING_META_FILE, FUSION_FILE, STATS_FILE):  # the fusion travels with every export
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 

@@ -6,7 +6,8 @@
 
 All three reuse :class:`shoprank.evaluation.CrossEncoderScorer` for tokenisation and batching
 (pairs sorted by length, tight padding); the ONNX ones only swap the model for an onnxruntime
-session.  ``score(queries, texts)`` returns one float32 logit per pair (higher = better).
+session.  A model trained with a lexical fusion (``shoprank_fusion.json`` beside its
+weights, see :mod:`shoprank.fusion`) is scored with it in every backend.  ``score(queries, texts)`` returns one float32 logit per pair (higher = better).
 
 An export lives in a directory holding ``model.onnx``, the tokenizer files and
 ``export_meta.json`` (max_length, input names, source version).  In MLflow it is logged under
@@ -101,8 +102,9 @@ class TorchScorer(_CrossEncoderBackedScorer):
     def __init__(self, model_dir: str | Path, version: str | None = None, batch_size: int = 64,
                  device: str | None = None):
         from shoprank.evaluation import CrossEncoderScorer
+        from shoprank.fusion import with_fusion
 
-        inner = CrossEncoderScorer.from_dir(model_dir, batch_size=batch_size, device=device)
+        inner = with_fusion(CrossEncoderScorer.from_dir(model_dir, batch_size=batch_size, device=device), model_dir)
         super().__init__(inner, "torch", version, str(model_dir))
 
 
@@ -161,8 +163,10 @@ class OnnxScorer(_CrossEncoderBackedScorer):
         self.meta = meta
         model = _OrtModel(ort_session(export_dir / ONNX_FILE, threads))
         tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
-        inner = CrossEncoderScorer(model, tokenizer, max_length=int(meta.get("max_length", 64)),
-                                   batch_size=batch_size, device="cpu")
+        from shoprank.fusion import with_fusion
+
+        inner = with_fusion(CrossEncoderScorer(model, tokenizer, max_length=int(meta.get("max_length", 64)),
+                                               batch_size=batch_size, device="cpu"), export_dir)
         super().__init__(inner, backend, version if version is not None else meta.get("version"), str(export_dir))
 
 

@@ -1,8 +1,9 @@
 """``TrainConfig``: every knob of a training run, serialisable to/from JSON.
 
 The Airflow form, the CLI and tests all produce one of these; the training subprocess reads it
-from ``--config-json``.  Defaults for ``base_model``, ``max_length`` and ``seed`` come from
-:class:`shoprank.config.Settings` when built with :meth:`TrainConfig.from_settings`.
+from ``--config-json``.  Defaults for ``base_model``, ``max_length``, ``seed`` and ``num_threads``
+(``SHOPRANK_TRAIN_THREADS``) come from :class:`shoprank.config.Settings` when built with
+:meth:`TrainConfig.from_settings`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, Mapping
 
 from shoprank.config import DEFAULT_BASE_MODEL, Settings
 
-LOSSES = ("pointwise", "listwise")
+LOSSES = ("pointwise", "pairwise", "listwise")
+DEFAULT_LOSS = "pointwise"  # chosen by validation figures: bench/README.md "Ranking recipe"
+FUSIONS = ("auto", "off")
 # Lightning precision names the form offers; None (or "auto") picks bf16/16-mixed on CUDA, 32 on CPU
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -46,10 +49,15 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     batch_size: int = 32  # pairs per batch (listwise: queries_per_batch = batch_size // list_size)
     eval_batch_size: int = 64
-    loss: str = "pointwise"  # "pointwise" (BCE vs grade/3) or "listwise" (softmax cross-entropy)
+    # "pointwise" (BCE vs grade/3), "listwise" (softmax cross-entropy) or "pairwise" (RankNet)
+    loss: str = "pointwise"
     list_size: int = 16  # listwise: candidates per query per step (sampled, keeps a relevant one)
     gradient_clip_val: float | None = 1.0
     early_stopping_patience: int = 2  # validations without val_ndcg@10 improvement; 0 disables
+    # lexical fusion (shoprank.fusion): "auto" fits cross-encoder + BM25 weights on the
+    # validation split and keeps the best of fused / cross-encoder / BM25; "off": cross-encoder
+    fusion: str = "auto"
+    lexical_stats_path: str | None = None  # local lexical.json; default: the snapshot's
     seed: int = 42
     # hardware
     accelerator: str = "auto"  # auto | cpu | gpu | cuda
@@ -61,7 +69,7 @@ class TrainConfig:
     rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous, reachable from every node
     rdzv_id: str | None = None  # same on every node of one job; default: derived from run_key
     node_rank: int | None = None  # optional with c10d (ranks are assigned at rendezvous)
-    num_threads: int | None = None  # torch intra-op threads per process; None: cores / local ranks
+    num_threads: int | None = None  # torch intra-op threads per process; None: worker's cores / local ranks
     num_workers: int = 0  # DataLoader workers (tokenisation is done up front, 0 is usually right)
     # validation / checkpoints
     val_check_interval: float | int | None = None  # None/1.0: once per epoch; int: every N steps
@@ -111,13 +119,20 @@ class TrainConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> "TrainConfig":
-        """Defaults from the product settings (base model, max length, seed), then overrides."""
+        """Defaults from the product settings (base model, max length, seed, threads), then overrides.
+
+        ``num_threads=None`` (or ``""``) in ``overrides`` keeps the setting's default
+        (``SHOPRANK_TRAIN_THREADS``; unset: the worker's cores / local ranks).
+        """
         values: dict[str, Any] = {
             "base_model": settings.base_model,
             "max_length": settings.max_length,
             "seed": settings.seed,
             "mlflow_tracking_uri": settings.mlflow_tracking_uri,
+            "num_threads": getattr(settings, "train_threads", None),
         }
+        if overrides.get("num_threads") in (None, ""):  # a blank form field keeps SHOPRANK_TRAIN_THREADS
+            overrides = {k: v for k, v in overrides.items() if k != "num_threads"}
         values.update(overrides)
         return cls.from_dict(values)
 
@@ -137,6 +152,7 @@ class TrainConfig:
                 raise TrainConfigError(msg)
 
         need(self.loss in LOSSES, f"loss={self.loss!r}: choose one of {LOSSES}")
+        need(self.fusion in FUSIONS, f"fusion={self.fusion!r}: choose one of {FUSIONS}")
         if self.precision in ("", "auto"):
             self.precision = None
         need(self.precision is None or str(self.precision) in PRECISIONS,
@@ -156,6 +172,15 @@ class TrainConfig:
         need(8 <= self.max_length <= 512, f"max_length={self.max_length}: must be in [8, 512]")
         need(self.list_size >= 2, f"list_size={self.list_size}: must be >= 2")
         need(self.devices >= 1 and self.num_nodes >= 1, "devices and num_nodes must be >= 1")
+        if isinstance(self.num_threads, str):  # from a form or JSON written by hand
+            raw = self.num_threads.strip()
+            need(raw == "" or raw.isdigit(), f"num_threads={self.num_threads!r}: must be >= 1 (or empty for the "
+                                              "worker's cores)")
+            self.num_threads = int(raw) if raw else None
+        if self.num_threads == 0:
+            self.num_threads = None  # 0 / blank: the worker's cores
+        need(self.num_threads is None or (isinstance(self.num_threads, int) and self.num_threads >= 1),
+             f"num_threads={self.num_threads!r}: must be >= 1 (or empty for the worker's cores)")
         need(self.checkpoint_every_n_steps >= 0, "checkpoint_every_n_steps must be >= 0 (0 disables)")
         if self.checkpoint_every_minutes is not None:
             need(self.checkpoint_every_minutes > 0, "checkpoint_every_minutes must be > 0")

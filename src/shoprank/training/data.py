@@ -384,11 +384,11 @@ class RankingDataModule(L.LightningDataModule):
     def train_sampler(self, rank: int = 0, world_size: int = 1) -> ResumableBatchSampler:
         self.setup("fit")
         ds = self.datasets["train"]
-        if self.loss == "listwise":
+        if self.loss in ("listwise", "pairwise"):
             groups = [g for g in ds.groups() if ds.grade[g].min() != ds.grade[g].max()]
             dropped = len(ds.queries) - len(groups)
             if dropped:
-                log.info("listwise: %d queries with a single grade carry no ranking signal, skipped", dropped)
+                log.info("%s: %d queries with a single grade carry no ranking signal, skipped", self.loss, dropped)
             return ResumableBatchSampler(
                 len(ds), max(1, self.batch_size // self.list_size), groups=groups, grades=ds.grade,
                 list_size=self.list_size, seed=self.seed, rank=rank, world_size=world_size,

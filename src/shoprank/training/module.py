@@ -12,6 +12,11 @@ Losses (``loss=``):
   family, as TF-Ranking's ``SoftmaxLoss``): target distribution ``grade / sum(grade)`` within
   the list, loss ``-sum(target * log_softmax(logits))``, averaged over lists weighted by the
   list's mean ``weight``.  Lists whose grades sum to zero are skipped.
+* ``pairwise``: RankNet over each query's candidate list: for every pair ``(i, j)`` of one
+  query with ``grade_i > grade_j``, ``softplus(-(s_i - s_j))`` (the logistic loss of ranking
+  them in the right order), weighted by the grade gap ``grade_i - grade_j`` and by
+  ``weight_i * weight_j`` (a hard negative of weight 0.5 counts half), averaged over the
+  total pair weight.  Uses the listwise batches (whole query lists).
 
 Validation logs ``val_ndcg@10`` (torchmetrics ``RetrievalNormalizedDCG(top_k=10)``, graded
 linear gains, queries with no relevant candidate skipped; synced across DDP ranks) and
@@ -74,6 +79,25 @@ def listwise_loss(
     return (per_group[valid] * gweight[valid]).sum() / valid.sum()
 
 
+def pairwise_loss(
+    logits: torch.Tensor, grades: torch.Tensor, group_ids: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RankNet: grade-gap-weighted logistic loss over every correctly ordered pair of a query."""
+    logits = logits.float()
+    g = grades.float()
+    same = group_ids[:, None] == group_ids[None, :]
+    gap = (g[:, None] - g[None, :]) * same  # > 0 where i should rank above j
+    pair_w = gap.clamp_min(0.0)
+    if weights is not None:
+        w = weights.float()
+        pair_w = pair_w * (w[:, None] * w[None, :])
+    total = pair_w.sum()
+    if not bool(total > 0):
+        return logits.sum() * 0.0
+    diff = logits[:, None] - logits[None, :]
+    return (F.softplus(-diff) * pair_w).sum() / total
+
+
 class CrossEncoderModule(L.LightningModule):
     """Cross-encoder ranker.
 
@@ -94,8 +118,8 @@ class CrossEncoderModule(L.LightningModule):
         ndcg_k: int = 10,
     ):
         super().__init__()
-        if loss not in ("pointwise", "listwise"):
-            raise ValueError(f"loss={loss!r}: choose 'pointwise' or 'listwise'")
+        if loss not in ("pointwise", "listwise", "pairwise"):
+            raise ValueError(f"loss={loss!r}: choose 'pointwise', 'listwise' or 'pairwise'")
         # logger=False: the caller logs run parameters to MLflow itself (params are immutable there)
         self.save_hyperparameters(ignore=["model"], logger=False)
         if model is None:
@@ -119,6 +143,8 @@ class CrossEncoderModule(L.LightningModule):
     def compute_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.loss_name == "listwise":
             return listwise_loss(logits, batch["grade"], batch["qid"], batch.get("weight"))
+        if self.loss_name == "pairwise":
+            return pairwise_loss(logits, batch["grade"], batch["qid"], batch.get("weight"))
         return pointwise_loss(logits.float(), batch["grade"], batch.get("weight"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

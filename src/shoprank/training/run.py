@@ -82,11 +82,21 @@ class DistEnv:
         return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (cgroup cpusets, ``taskset``,
+    Kubernetes CPU pinning), else ``os.cpu_count()``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def configure_threads(num_threads: int | None, local_world_size: int = 1) -> int:
-    """Intra-op threads per process: the cores divided among the processes on this node."""
+    """Intra-op threads per process: ``num_threads`` (``SHOPRANK_TRAIN_THREADS``) when set,
+    else the worker's cores (:func:`available_cores`) divided among the processes on this node."""
     import torch
 
-    n = num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    n = num_threads or max(1, available_cores() // max(1, local_world_size))
     torch.set_num_threads(n)
     return n
 
@@ -231,6 +241,10 @@ class TrainResult:
     precision: str
     accelerator: str
     config: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = -1  # the step cap (-1: none)
+    steps_per_epoch: int | None = None  # optimizer steps in one pass over the training split
+    epochs_run: float | None = None  # global_step / steps_per_epoch (what the run really saw)
+    fusion: dict[str, Any] = field(default_factory=dict)  # shoprank.fusion.Fusion of the exported model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -469,7 +483,8 @@ def train(
     if s3_storage is not None and config.resume:
         done = _completed_result(config, s3_storage)
         if done is not None:
-            return _reexport_completed(config, done, module, tokenizer, ckpt_dir, s3_storage, dist)
+            return _reexport_completed(config, done, module, tokenizer, ckpt_dir, s3_storage, dist,
+                                       datamodule.val_df, storage)
     t = time.perf_counter()
     resume_path = _prepare_checkpoints(config, ckpt_dir, s3_storage, dist)
     resumed_from = _checkpoint_step(resume_path) if resume_path else None
@@ -541,7 +556,15 @@ def train(
         precision=str(trainer.precision),
         accelerator=type(trainer.accelerator).__name__,
         config=config.to_dict(),
+        max_steps=int(config.max_steps),
     )
+    try:
+        per_epoch = int(trainer.num_training_batches)
+    except (TypeError, ValueError, OverflowError):  # inf for an iterable without a length
+        per_epoch = 0
+    if per_epoch > 0:
+        result.steps_per_epoch = per_epoch
+        result.epochs_run = round(result.global_step / per_epoch, 3)
     if not trainer.is_global_zero:
         return result
 
@@ -559,6 +582,7 @@ def train(
         VAL_METRIC.replace("@", "_at_"): best_val, "best_step": best_step, "global_step": result.global_step,
     }
     _export_model(module, tokenizer, best_path, output_dir, meta)
+    result.fusion = _fit_fusion(config, datamodule.val_df, output_dir, storage)
     result.model_dir = str(output_dir)
     timings["export_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
@@ -591,7 +615,7 @@ def _completed_result(config: TrainConfig, storage: Any) -> dict[str, Any] | Non
 
 def _reexport_completed(
     config: TrainConfig, done: dict[str, Any], module: Any, tokenizer: Any, ckpt_dir: Path, storage: Any,
-    dist: DistEnv,
+    dist: DistEnv, val_df: pd.DataFrame | None = None, data_storage: Any | None = None,
 ) -> TrainResult:
     """The run finished before (e.g. an Airflow retry after a later failure): export, don't retrain."""
     from shoprank.models import TRAINING_META_FILE
@@ -619,12 +643,48 @@ def _reexport_completed(
             "val_ndcg_at_10": result.best_val_ndcg_at_10, "global_step": result.global_step}
     _export_model(module, tokenizer, best_path, output_dir, meta)
     assert (output_dir / TRAINING_META_FILE).exists()
+    result.fusion = _fit_fusion(config, val_df, output_dir, data_storage or storage)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     result.model_dir = str(output_dir)
     result.timings = {**result.timings, "reexport_s": time.perf_counter() - t}
     if config.result_json:
         result.write(config.result_json)
     return result
+
+
+def lexical_stats_for(config: TrainConfig, storage: Any | None):
+    """The catalogue BM25 statistics for the fusion: ``lexical_stats_path``, else the snapshot's."""
+    from shoprank.lexical import SNAPSHOT_STATS, Bm25Stats
+
+    if config.lexical_stats_path:
+        return Bm25Stats.load(config.lexical_stats_path)
+    if config.snapshot and storage is not None:
+        from shoprank.storage import dataset_prefix
+
+        key = dataset_prefix(config.snapshot) + SNAPSHOT_STATS
+        if storage.exists(key):
+            return Bm25Stats.from_json(storage.get_bytes(key))
+    return None
+
+
+def _fit_fusion(config: TrainConfig, val_df: pd.DataFrame | None, output_dir: Path, storage: Any | None) -> dict:
+    """Fit the lexical fusion on the validation split and save it beside the weights (shoprank.fusion)."""
+    from shoprank import fusion as fz
+
+    if config.fusion == "off" or val_df is None or not len(val_df):
+        chosen = fz.Fusion(reason="fusion off" if config.fusion == "off" else "no validation split")
+        fz.save(output_dir, chosen, None)
+        return asdict(chosen)
+    from shoprank.evaluation import CrossEncoderScorer
+    from shoprank.serving.export import ndcg_at_10
+
+    t = time.perf_counter()
+    stats = lexical_stats_for(config, storage)
+    scorer = CrossEncoderScorer.from_dir(output_dir, batch_size=config.eval_batch_size)
+    chosen = fz.fit_fusion(val_df, scorer(val_df), stats, ndcg_at_10)
+    fz.save(output_dir, chosen, stats)
+    log.info("fusion (%.1fs): %s", time.perf_counter() - t, chosen.reason)
+    return asdict(chosen)
 
 
 def _has_tokenizer(path: str) -> bool:
