@@ -109,23 +109,24 @@ def shoprank_daily_update():
                               extra_test={"recent": manifest["recent_holdout_key"]})
 
     @task
-    def register(trained: dict, evaluated: dict, manifest: dict) -> dict:
+    def register(trained: dict, evaluated: dict, manifest: dict, validated: dict) -> dict:
         from shoprank.daily import run_key
-        from shoprank.workflow import register_model
+        from shoprank.workflow import register_model, validation_status
 
         day = _day()
         lineage = replace(lineage_from_context(get_current_context()), key=run_key(day))
         tags = {"golden_snapshot": manifest["golden_snapshot"], "daily.date": day, "daily.mode": manifest["mode"],
                 "last_full_retrain_date": day if manifest["mode"] == "full" else
                 manifest.get("champion_last_full", "")}
-        return register_model(task_settings(), task_storage(), trained, evaluated, lineage, extra_tags=tags)
+        return register_model(task_settings(), task_storage(), trained, evaluated, lineage,
+                              validation_status=validation_status([validated]), extra_tags=tags)
 
     validated = validate_feedback()
     validate_catalog() >> validated
     manifest = prepare(validated)
     trained = train(manifest, validated)
     evaluated = evaluate(trained, manifest)
-    registered = register(trained, evaluated, manifest)
+    registered = register(trained, evaluated, manifest, validated)
     promotion_tasks(registered, auto_promote_allowed=True)
 
 

@@ -16,6 +16,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from shoprank.airflow_support import lineage_from_context, promotion_tasks, task_settings, task_storage
+from shoprank.training.config import DEFAULT_LOSS, LOSSES
 
 TRAIN_QUEUE = os.environ.get("SHOPRANK_TRAIN_QUEUE", "default")
 
@@ -37,7 +38,19 @@ TRAIN_QUEUE = os.environ.get("SHOPRANK_TRAIN_QUEUE", "default")
         "lr": Param(3e-5, type="number", exclusiveMinimum=0, title="Learning rate"),
         "batch_size": Param(16, type="integer", minimum=1, maximum=1024, title="Batch size (per device)"),
         "max_length": Param(64, type="integer", minimum=8, maximum=512, title="Max tokens per pair"),
-        "loss": Param("pointwise", type="string", enum=["pointwise", "listwise"], title="Loss"),
+        "loss": Param(DEFAULT_LOSS, type="string", enum=list(LOSSES), title="Loss",
+                      description="pointwise (BCE on grade/3), pairwise (RankNet over each query's list) or "
+                                  "listwise (softmax cross-entropy); see docs/ranking.md"),
+        "fusion": Param("auto", type="string", enum=["auto", "off"], title="Lexical fusion",
+                        description="auto = fit cross-encoder + catalogue BM25 weights on the validation split "
+                                    "and keep the best by validation NDCG@10; off = cross-encoder alone"),
+        "n_negatives": Param(20, type="integer", minimum=0, maximum=500, title="Random negatives per query",
+                             description="catalogue products sampled per query into train, val and test (grade 0)"),
+        "n_hard_negatives": Param(10, type="integer", minimum=0, maximum=200, title="Hard negatives per query",
+                                  description="unjudged products from BM25's top 50 per train query (grade 0, "
+                                              "weight 0.5: probably, not surely, irrelevant)"),
+        "num_threads": Param(0, type="integer", minimum=0, maximum=256, title="CPU threads per process",
+                             description="0 = SHOPRANK_TRAIN_THREADS, else every core the worker has"),
         "accelerator": Param("auto", type="string", enum=["auto", "cpu", "gpu"], title="Accelerator"),
         "devices": Param(1, type="integer", minimum=1, maximum=64, title="Devices per node",
                          description="> 1 launches torchrun with one process per device (DDP)"),
@@ -70,7 +83,9 @@ def shoprank_train():
         p = get_current_context()["params"]
         day = max(v["date"] for v in validated)
         return make_snapshot(task_storage(), snapshot=p["snapshot"] or None, on_or_before=day,
-                             seed=task_settings().seed)
+                             seed=task_settings().seed, n_negatives=p["n_negatives"],
+                             n_hard_negatives=p["n_hard_negatives"],
+                             text_template=task_settings().product_text_template)
 
     @task(queue=TRAIN_QUEUE, retries=2, retry_delay=pendulum.duration(seconds=10))
     def train(snap: dict, validated: list[dict]) -> dict:
@@ -79,7 +94,9 @@ def shoprank_train():
         ctx = get_current_context()
         p = ctx["params"]
         params = {k: p[k] for k in ("base_model", "epochs", "max_steps", "lr", "batch_size", "max_length", "loss",
-                                    "accelerator", "devices", "num_nodes", "precision")}
+                                    "fusion", "accelerator", "devices", "num_nodes", "precision")}
+        if p["num_threads"]:
+            params["num_threads"] = p["num_threads"]
         docs = [v["data_docs"] for v in validated if v.get("data_docs")]
         return train_model(task_settings(), snap, params, lineage_from_context(ctx), data_docs=docs)
 
@@ -91,7 +108,7 @@ def shoprank_train():
 
     @task
     def register(trained: dict, evaluated: dict, validated: list[dict]) -> dict:
-        from shoprank.workflow import register_model
+        from shoprank.workflow import register_model, validation_status
 
         ctx = get_current_context()
         docs = [v["data_docs"] for v in validated if v.get("data_docs")]
@@ -99,7 +116,7 @@ def shoprank_train():
         # a full training run: its snapshot's test split is the golden set later daily updates use
         tags = {"golden_snapshot": trained["snapshot"], "last_full_retrain_date": day}
         return register_model(task_settings(), task_storage(), trained, evaluated, lineage_from_context(ctx),
-                              data_docs=docs, extra_tags=tags)
+                              validation_status=validation_status(validated), data_docs=docs, extra_tags=tags)
 
     validated = [validate.override(task_id=f"validate_{ds}")(ds) for ds in ("catalog", "judgments", "queries")]
     snap = snapshot(validated)

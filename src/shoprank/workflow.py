@@ -98,7 +98,9 @@ def outcome_dict(outcome: Any, dataset: str, day: str) -> dict:
 # ---- snapshot ---------------------------------------------------------------------------------
 
 def make_snapshot(storage: Storage, snapshot: str | None = None, on_or_before: str | None = None,
-                  seed: int = 42) -> dict:
+                  seed: int = 42, **params: Any) -> dict:
+    """An existing snapshot by name, or a new one from the latest validated data; ``params`` are
+    :class:`shoprank.datasets.SnapshotParams` fields (``n_negatives``, ``n_hard_negatives``, ...)."""
     from dataclasses import asdict
 
     from shoprank.datasets import SnapshotParams, build_snapshot
@@ -109,7 +111,7 @@ def make_snapshot(storage: Storage, snapshot: str | None = None, on_or_before: s
             raise StepError(f"snapshot {snapshot!r} does not exist (no {storage.uri(key)}); "
                             "leave the form field empty to build one from the latest validated data")
         return json.loads(storage.get_bytes(key))
-    return asdict(build_snapshot(storage, SnapshotParams(seed=seed), day=on_or_before))
+    return asdict(build_snapshot(storage, SnapshotParams(seed=seed, **params), day=on_or_before))
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -244,9 +246,17 @@ def _train_in(settings: Settings, snapshot: dict, train_params: dict, lineage: L
             raise StepError(f"re-export of the multi-node run failed (exit {rc}). Last output:\n{tail}")
     result = json.loads((work / "result.json").read_text())
     _log_validation_curve(client, run_id, result.get("val_history") or [])
-    for key in ("best_val_ndcg_at_10", "global_step", "epochs_completed", "train_pairs_per_s"):
+    for key in ("best_val_ndcg_at_10", "global_step", "epochs_completed", "epochs_run", "steps_per_epoch",
+                "train_pairs", "train_pairs_per_s"):
         if result.get(key) is not None:
             client.log_metric(run_id, key, float(result[key]))
+    fusion = result.get("fusion") or {}
+    if fusion.get("kind"):
+        client.set_tag(run_id, "fusion", f"{fusion['kind']}: {fusion.get('reason', '')}"[:5000])
+        for kind, value in (fusion.get("val_ndcg_at_10") or {}).items():
+            client.log_metric(run_id, f"fusion_val_ndcg_at_10_{kind}", float(value))
+        for name, value in (fusion.get("weights") or {}).items():
+            client.log_metric(run_id, f"fusion_weight_{name}", float(value))
     model_uri = client.get_run(run_id).data.tags.get("shoprank.model_uri")
     if model_uri:
         log.info("run %s already logged its model (%s); reusing it", run_id, model_uri)
@@ -256,7 +266,8 @@ def _train_in(settings: Settings, snapshot: dict, train_params: dict, lineage: L
     return {"mlflow_run_id": run_id, "experiment_id": experiment_id, "model_uri": model_uri,
             "snapshot": snapshot["snapshot"], "train_result": {k: result.get(k) for k in (
                 "best_val_ndcg_at_10", "global_step", "resumed_from_step", "epochs_completed", "stopped_early",
-                "train_pairs_per_s", "world_size", "precision")},
+                "train_pairs_per_s", "world_size", "precision", "max_steps", "steps_per_epoch", "epochs_run",
+                "train_pairs", "fusion")},
             "params": {k: config.to_dict()[k] for k in ("base_model", "loss", "epochs", "lr", "batch_size",
                                                          "max_length", "devices", "num_nodes", "init_from")}}
 
@@ -395,6 +406,20 @@ def record_rejection(settings: Settings, storage: Storage, version: str, answer:
 
 # ---- evaluation & registration ------------------------------------------------------------------
 
+def train_summary(trained: dict) -> dict[str, str]:
+    """What was actually trained, for the approval card and the version (``train.*`` tags)."""
+    r = trained.get("train_result") or {}
+    out = {}
+    for key in ("global_step", "max_steps", "steps_per_epoch", "epochs_run", "train_pairs", "stopped_early"):
+        if r.get(key) is not None:
+            out[f"train.{key}"] = str(r[key])
+    fusion = r.get("fusion") or {}
+    if fusion.get("kind"):
+        out["train.fusion"] = fusion["kind"]
+        out["train.fusion_reason"] = str(fusion.get("reason", ""))[:400]
+    return out
+
+
 def _mlflow_key(name: str) -> str:
     import re
 
@@ -411,9 +436,11 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     """
     from mlflow import MlflowClient
 
-    from shoprank.datasets import load_split
+    from shoprank.datasets import load_lexical_stats, load_split
     from shoprank.evaluation import BM25Scorer, evaluate, plot_slice_metrics
-    from shoprank.mlflow_model import latency_ms_per_pair, load_scorer
+    from shoprank.evaluation.latency import ranking_request, side_by_side
+    from shoprank.mlflow_model import load_scorer
+    from shoprank.promotion import GatePolicy
 
     client = MlflowClient(settings.mlflow_tracking_uri)
     import mlflow
@@ -421,7 +448,8 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     registry = _registry(settings)
     champion = registry.version_by_alias("champion")
-    scorers = {"challenger": load_scorer(trained["model_uri"]), "bm25": BM25Scorer()}
+    bm25 = BM25Scorer(load_lexical_stats(storage, trained["snapshot"]))
+    scorers = {"challenger": load_scorer(trained["model_uri"]), "bm25": bm25}
     if champion is not None:
         scorers["champion"] = load_scorer(f"models:/{registry.name}/{champion.version}")
     sets = {"": load_split(storage, trained["snapshot"], "test")}
@@ -431,6 +459,8 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     metrics: dict[str, float] = {}
     summaries = []
     for prefix, test in sets.items():
+        print(f"scoring the {prefix.rstrip('_') or 'test'} split: {len(test)} pairs, {test['query'].nunique()} queries, "
+              f"with {', '.join(scorers)}", flush=True)
         report = evaluate(test, scorers, baseline_names=("bm25", "champion"))
         for k, v in report.to_dict(candidate="challenger").items():
             metrics[_mlflow_key(prefix + k)] = float(v)
@@ -439,23 +469,44 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
             for col in ("query_freq_bucket", "category"):
                 path = plot_slice_metrics(report, Path(tmp) / f"{prefix}slices_{col}.png", slice_column=col)
                 client.log_artifact(run_id, str(path), "plots")
-    test = sets[""]
-    metrics["latency_ms_per_pair"] = latency_ms_per_pair(scorers["challenger"], test.head(64))
+    # serving latency: one ranking request, challenger and champion timed side by side (evaluation.latency)
+    policy = GatePolicy.from_env()
+    request = ranking_request(sets[""], policy.latency_candidates)
+    timed = side_by_side({k: v for k, v in scorers.items() if k in ("challenger", "champion")}, request)
+    metrics["latency_candidates"] = float(policy.latency_candidates)
+    metrics["latency_ms_per_request"] = timed["challenger"]
+    if "champion" in timed:
+        metrics["champion_latency_ms_per_request"] = timed["champion"]
+        metrics["latency_ratio_vs_champion"] = timed["challenger"] / max(timed["champion"], 1e-9)
+    summaries.append(f"latency (median of {len(timed)}-way side-by-side rounds, {policy.latency_candidates} "
+                     "candidates per request): " + ", ".join(f"{k} {v:.0f} ms" for k, v in timed.items()))
     for k, v in metrics.items():
         if v == v:  # skip NaN
             client.log_metric(run_id, k, v)
-    client.set_tag(run_id, "champion_version", champion.version if champion else "none")
+    champion_compared = champion.version if champion else "none"  # explicit: the gate reads it
+    client.set_tag(run_id, "champion_version", champion_compared)
+    client.set_tag(run_id, "bm25_mode", bm25.mode)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "evaluation.txt").write_text("\n\n".join(summaries))
         client.log_artifact(run_id, str(Path(tmp) / "evaluation.txt"), "evaluation")
     for line in summaries:
         print(line)
     print(f"MLflow run: {mlflow_ui_link(settings, run_id, trained.get('experiment_id'))}")
-    return {"metrics": metrics, "champion_version": champion.version if champion else None}
+    return {"metrics": metrics, "champion_version": champion.version if champion else None,
+            "champion_compared": champion_compared, "bm25_mode": bm25.mode}
+
+
+def validation_status(validated: list[dict]) -> str:
+    """``passed`` when every validate task of the run returned a successful outcome, else what failed."""
+    if not validated:
+        return "missing: no validation result reached this step"
+    failed = [f"{v.get('dataset', '?')} dt={v.get('date', '?')} ({v.get('status', 'no status')})"
+              for v in validated if not v.get("success")]
+    return "passed" if not failed else "failed: " + ", ".join(failed)
 
 
 def register_model(settings: Settings, storage: Storage, trained: dict, evaluated: dict, lineage: Lineage,
-                   validation_status: str = "passed", data_docs: list[str] | None = None,
+                   validation_status: str | None = None, data_docs: list[str] | None = None,
                    extra_tags: dict | None = None) -> dict:
     """Create the model version (idempotent per DAG run), tag it, point ``challenger`` at it."""
     registry = _registry(settings, storage)
@@ -464,12 +515,16 @@ def register_model(settings: Settings, storage: Storage, trained: dict, evaluate
             log.info("version %s was already registered by %s; reusing it", v.version, lineage.run_key)
             registry.ensure_challenger(v.version, run_id=trained["mlflow_run_id"])  # a try that died half-way
             return {"version": v.version, "reused": True}
-    tags: dict[str, Any] = {**evaluated["metrics"], "validation_status": validation_status,
+    tags: dict[str, Any] = {**evaluated["metrics"],
                             "data_snapshot": trained["snapshot"], "mlflow_run_id": trained["mlflow_run_id"],
                             "experiment_id": trained.get("experiment_id", ""), "airflow.run_key": lineage.run_key,
-                            "champion_compared": evaluated.get("champion_version") or "none",
+                            **train_summary(trained),
                             **{f"param.{k}": v for k, v in trained.get("params", {}).items()},
                             **lineage.tags(), **(extra_tags or {})}
+    if validation_status is not None:  # absent: the gate fails closed on it
+        tags["validation_status"] = validation_status
+    if evaluated.get("champion_compared") is not None:  # absent: the gate fails closed on it
+        tags["champion_compared"] = evaluated["champion_compared"]
     if data_docs:
         tags["data_docs"] = " ".join(data_docs)
     version = registry.register(trained["model_uri"], trained["mlflow_run_id"], tags,

@@ -116,7 +116,8 @@ def fast_mlflow_retries(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     for name, value in {"SHOPRANK_GATE_MUST_BEAT_BM25": "true", "SHOPRANK_GATE_MAX_REGRESSION": "0.01",
-                        "SHOPRANK_GATE_MAX_LATENCY_MS": "50", "SHOPRANK_AUTO_PROMOTE": "false"}.items():
+                        "SHOPRANK_GATE_MAX_LATENCY_MS": "4000", "SHOPRANK_GATE_MAX_LATENCY_RATIO": "1.25",
+                        "SHOPRANK_GATE_MIN_TEST_QUERIES": "100", "SHOPRANK_AUTO_PROMOTE": "false"}.items():
         monkeypatch.setenv(name, value)
 
 
@@ -125,8 +126,9 @@ def _trained(settings) -> dict:
     return {"model_uri": model_uri, "mlflow_run_id": run_id, "snapshot": "snap-fault", "params": {}}
 
 
-EVALUATED = {"metrics": {"ndcg_at_10": 0.6, "delta_ndcg_at_10_vs_bm25_lo": 0.05, "latency_ms_per_pair": 3.0},
-             "champion_version": None}
+EVALUATED = {"metrics": {"ndcg_at_10": 0.6, "delta_ndcg_at_10_vs_bm25_lo": 0.05, "n_queries": 150.0,
+                         "latency_candidates": 50.0, "latency_ms_per_request": 300.0},
+             "champion_version": None, "champion_compared": "none"}
 
 
 def test_mlflow_stopped_right_after_creating_the_version_then_retry(stack, fast_mlflow_retries):
@@ -177,7 +179,8 @@ def test_mlflow_stopped_during_promotion_then_retry(stack, fast_mlflow_retries):
     settings = replace(stack.settings, registered_model="fault-promote")
     storage = Storage(settings)
     lineage = Lineage(dag_id="shoprank_train", run_id="manual__p", key="shoprank_train/manual__p")
-    v = register_model(settings, storage, _trained(settings), EVALUATED, lineage)["version"]
+    v = register_model(settings, storage, _trained(settings), EVALUATED, lineage,
+                       validation_status="passed")["version"]
     assert gate_version(settings, v)["eligible"]
     proxy = CuttingHttpProxy(
         settings.mlflow_port, on_cut=lambda: stack.stop("mlflow"),

@@ -34,7 +34,8 @@ REJECT = {"chosen_options": ["Reject"], "responded_by_user": {"id": "bob", "name
 def default_gate_policy(monkeypatch):
     """The documented defaults (the e2e suite relaxes them in the same process)."""
     for name, value in {"SHOPRANK_GATE_MUST_BEAT_BM25": "true", "SHOPRANK_GATE_MAX_REGRESSION": "0.01",
-                        "SHOPRANK_GATE_MAX_LATENCY_MS": "50", "SHOPRANK_AUTO_PROMOTE": "false"}.items():
+                        "SHOPRANK_GATE_MAX_LATENCY_MS": "4000", "SHOPRANK_GATE_MAX_LATENCY_RATIO": "1.25",
+                        "SHOPRANK_GATE_MIN_TEST_QUERIES": "100", "SHOPRANK_AUTO_PROMOTE": "false"}.items():
         monkeypatch.setenv(name, value)
 
 
@@ -49,12 +50,15 @@ def candidate(reg: Registry, run_key: str, good: bool = True, validation: str = 
     model_uri, run_id = log_const_model(reg.settings.mlflow_tracking_uri)
     champion = reg.version_by_alias("champion")
     metrics = {"ndcg_at_10": 0.6 if good else 0.2, "delta_ndcg_at_10_vs_bm25": 0.1 if good else -0.2,
-               "delta_ndcg_at_10_vs_bm25_lo": 0.05 if good else -0.3, "latency_ms_per_pair": 3.0}
+               "delta_ndcg_at_10_vs_bm25_lo": 0.05 if good else -0.3, "n_queries": 150.0,
+               "latency_candidates": 50.0, "latency_ms_per_request": 300.0}
     if champion is not None:
         lo = vs_champion_lo if vs_champion_lo is not None else (0.02 if good else -0.2)
-        metrics.update({"delta_ndcg_at_10_vs_champion": lo + 0.01, "delta_ndcg_at_10_vs_champion_lo": lo})
+        metrics.update({"delta_ndcg_at_10_vs_champion": lo + 0.01, "delta_ndcg_at_10_vs_champion_lo": lo,
+                        "champion_latency_ms_per_request": 290.0, "latency_ratio_vs_champion": 300 / 290})
     trained = {"model_uri": model_uri, "mlflow_run_id": run_id, "snapshot": "snap-rel", "params": {}}
-    evaluated = {"metrics": metrics, "champion_version": champion.version if champion else None}
+    evaluated = {"metrics": metrics, "champion_version": champion.version if champion else None,
+                 "champion_compared": champion.version if champion else "none"}
     out = register_model(reg.settings, reg.storage, trained, evaluated, Lineage(key=run_key),
                          validation_status=validation)
     return out["version"]
