@@ -125,6 +125,22 @@ class AirflowClient:
                 raise TimeoutError(f"{dag_id} run {run_id} still {run['state']} after {timeout:.0f}s")
             time.sleep(2.0)
 
+    def task_log_lines(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> list[str]:
+        """The task's log so far, as text lines (Airflow 3 returns structured entries)."""
+        out = self._request(
+            "GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+                   f"/taskInstances/{task_id}/logs/{try_number}?full_content=true")
+        content = (out or {}).get("content", [])
+        if isinstance(content, str):
+            return content.splitlines()
+        lines = []
+        for entry in content:
+            if isinstance(entry, dict):
+                lines.append(str(entry.get("event", "")))
+            else:
+                lines.append(str(entry))
+        return lines
+
     # human in the loop
     def hitl_details(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict:
         return self._request(
