@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write a synthetic marketplace (catalog, queries, judgments) to S3")
     p.add_argument("--products", type=int, default=2000)
-    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--queries", type=int, default=600,
+                   help="judged queries (default 600: the test split (20%%) then holds about 120 queries, above the "
+                        "gate's minimum of SHOPRANK_GATE_MIN_TEST_QUERIES=100)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--date", type=_date, default=dt.date.today())
     p.add_argument("--profile", choices=["default", "realistic"], default="default",

@@ -56,7 +56,8 @@ def champion_rank_fn(settings: Settings):
     model = mlflow.pyfunc.load_model(f"models:/{registry.name}/{champion.version}")
 
     def rank(query: str, candidates: pd.DataFrame) -> np.ndarray:
-        frame = pd.DataFrame({"query": [query] * len(candidates), "text": product_text(candidates).values})
+        texts = product_text(candidates, settings.product_text_template).values
+        frame = pd.DataFrame({"query": [query] * len(candidates), "text": texts})
         return np.asarray(model.predict(frame), dtype=np.float64)
 
     return rank, champion.version

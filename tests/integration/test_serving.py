@@ -146,8 +146,11 @@ def test_events_land_in_real_s3_flushed_on_shutdown_and_pass_validation(served):
 
     settings, storage, registry, (v1, _v2), day = served
     champion = registry.version_by_alias("champion").version
-    app = create_app(settings, config=ServeConfig(poll_seconds=60, backend="torch", events_flush_seconds=3600))
-    ts = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+    # yesterday's events with a 1-minute grace: the day is over, so the shutdown flush may mark it
+    # complete (_SUCCESS is never written before the day ended plus the grace)
+    app = create_app(settings, config=ServeConfig(poll_seconds=60, backend="torch", events_flush_seconds=3600,
+                                                  events_grace_minutes=1))
+    ts = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)).replace(microsecond=0).isoformat()
     day = ts[:10]
     with TestClient(app) as client:
         body = client.post("/rank", json={"query": "red shoes", "product_ids": ["p0", "p1", "p5"],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -94,6 +96,26 @@ class MemoryStorage:
     def keys(self, prefix=""):
         return sorted(k for k in self.objects if k.startswith(prefix))
 
+    def list_keys(self, prefix):
+        if self.fail:
+            raise OSError("S3 is down")
+        return self.keys(prefix)
+
+    def exists(self, key):
+        if self.fail:
+            raise OSError("S3 is down")
+        return key in self.objects
+
+    def copy(self, src, dst):
+        self.put_bytes(dst, self.objects[src])
+
+    def delete_prefix(self, prefix):
+        with self.lock:
+            gone = [k for k in self.objects if k.startswith(prefix)]
+            for k in gone:
+                del self.objects[k]
+        return len(gone)
+
     def feedback(self):
         frames = [pd.read_parquet(io.BytesIO(self.objects[k])) for k in self.keys("raw/feedback/")
                   if k.endswith(".parquet")]
@@ -123,11 +145,17 @@ def storage() -> MemoryStorage:
     return st
 
 
-def make(settings, storage, reg=None, **cfg):
+UTC = dt.timezone.utc
+NOW = dt.datetime(2026, 11, 24, 6, tzinfo=UTC)  # the server clock of these tests: after 11-22 and 11-23 ended
+
+
+def make(settings, storage, reg=None, now=NOW, **cfg):
     reg = reg or FakeRegistry(champion="1")
     config = ServeConfig(**{"poll_seconds": 3600, "events_flush_seconds": 3600, **cfg})
     app = create_app(settings, loader=reg.load, resolve_alias=reg.resolve, storage=storage, config=config,
                      hash_key=KEY)
+    if now is not None:
+        app.state.service.sink.clock = (lambda: now) if isinstance(now, dt.datetime) else now
     return app, reg
 
 
@@ -400,8 +428,10 @@ def test_malformed_event_bodies(settings, storage):
     assert len(storage.feedback()) == 1
 
 
-def test_flush_by_size_and_failed_flush_spools_then_recovers(settings, storage):
-    app, _ = make(settings, storage, events_flush_size=2, events_flush_seconds=0.05)
+def test_flush_by_size_and_failed_flush_keeps_the_wal_then_recovers(settings, storage):
+    in_day = dt.datetime(2026, 11, 22, 12, tzinfo=UTC)  # 11-22 still open: no marker, no late routing
+    app, _ = make(settings, storage, now=in_day, events_flush_size=2, events_flush_seconds=0.05)
+    wal = settings.home / "serving" / "wal"
     with TestClient(app) as client:
         client.post("/events", json=[_event(0), _event(1)])
         deadline = time.monotonic() + 5
@@ -414,15 +444,31 @@ def test_flush_by_size_and_failed_flush_spools_then_recovers(settings, storage):
             assert time.monotonic() < deadline + 5, "the failing flush never ran"
             time.sleep(0.02)
         assert app.state.service.sink.buffered == 1  # kept after the failed flush
-    spool = settings.home / "serving" / "spool"
-    assert len(list(spool.glob("spool-*.parquet"))) == 1
+    segments = list(wal.glob("*.wal"))
+    assert len(segments) == 1 and '"e2"' in segments[0].read_text()  # left on disk at shutdown, not lost
     assert sorted(storage.feedback()["event_id"]) == ["e0", "e1"]
+    assert "raw/feedback/dt=2026-11-22/_SUCCESS" not in storage.objects  # the day has not ended
     storage.fail = False
-    app2, _ = make(settings, storage)
+    app2, _ = make(settings, storage, now=in_day)
     with TestClient(app2):
         pass
     assert sorted(storage.feedback()["event_id"]) == ["e0", "e1", "e2"]
-    assert list(spool.glob("spool-*.parquet")) == []
+    assert list(wal.glob("*.wal")) == []
+    parts = [k for k in storage.keys("raw/feedback/") if k.endswith(".parquet")]
+    assert len(parts) == 2 and all(k.split("/")[-1].startswith("part-ev-") for k in parts)
+
+
+def test_legacy_spool_files_are_still_uploaded(settings, storage):
+    from shoprank.serving.events import to_frame
+
+    spool = settings.home / "serving" / "spool"
+    spool.mkdir(parents=True)
+    rows = validate_events([_event(7)], hash_key=KEY, now=NOW)
+    to_frame(rows).to_parquet(spool / "spool-20261122T100000-abcd1234.parquet", index=False)
+    app, _ = make(settings, storage)
+    with TestClient(app):
+        pass
+    assert storage.feedback()["event_id"].tolist() == ["e7"] and list(spool.iterdir()) == []
 
 
 def test_validate_events_fills_version_and_arm_from_the_ranking():
@@ -430,10 +476,10 @@ def test_validate_events_fills_version_and_arm_from_the_ranking():
                            now=dt.datetime(2026, 11, 22, 12, tzinfo=dt.timezone.utc),
                            lookup={"r1": ("7", "challenger")}.get)
     assert rows[0]["model_version"] == "7" and rows[0]["arm"] == "challenger"
-    rows = validate_events([{k: v for k, v in _event(0).items() if k != "event_id"}], hash_key=KEY)
+    rows = validate_events([{k: v for k, v in _event(0).items() if k != "event_id"}], hash_key=KEY, now=NOW)
     assert len(rows[0]["event_id"]) == 32
     with pytest.raises(EventsRejected) as exc:
-        validate_events([_event(0), _event(1, position=-1), _event(2, event_type="x")], hash_key=KEY)
+        validate_events([_event(0), _event(1, position=-1), _event(2, event_type="x")], hash_key=KEY, now=NOW)
     assert [(e["index"], e["field"]) for e in exc.value.errors] == [(1, "position"), (2, "event_type")]
 
 
@@ -559,3 +605,296 @@ def test_scorer_failure_is_a_counted_500_and_nothing_is_cached(settings, storage
         assert client.post("/rank", json={"query": "red shoes", "candidates": CANDS}).status_code == 500
         assert metric(client, 'shoprank_serve_errors_total{route="/rank",status="500"}') == 1.0
         assert len(app.state.service.cache) == 0
+
+
+# ---- durability, completeness markers, late events, body limit (issue 17) -----------------------
+def _sink(storage, tmp_path, now, **kw):
+    from shoprank.serving.events import EventSink
+
+    return EventSink(storage, wal_dir=tmp_path / "wal", clock=lambda: now[0], **kw)
+
+
+def _rows(ids, ts="2026-11-22T10:00:00Z", now=NOW):
+    return validate_events([_event(0, event_id=i, ts=ts) for i in ids], hash_key=KEY, now=now)
+
+
+def _stored_ids(storage, root="raw/feedback/"):
+    ids = []
+    for k in storage.keys(root):
+        if k.endswith(".parquet"):
+            ids += pd.read_parquet(io.BytesIO(storage.objects[k]))["event_id"].tolist()
+    return ids
+
+
+def _die(sink):
+    """What SIGKILL does to a sink: its file descriptors (and flocks) go, nothing is flushed."""
+    for seg in [*sink._sealed, *([sink._active] if sink._active else [])]:
+        if seg.fd is not None:
+            os.close(seg.fd)
+            seg.fd = None
+
+
+def test_an_accepted_event_is_in_the_fsynced_wal_before_the_202(settings, storage, monkeypatch):
+    import shoprank.serving.events as events_mod
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(events_mod.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    app, _ = make(settings, storage)
+    wal = settings.home / "serving" / "wal"
+    with TestClient(app) as client:
+        r = client.post("/events", json=[_event(0), _event(1)])
+        assert r.status_code == 202 and synced  # fsync'd before the answer
+        (segment,) = wal.glob("*.wal")
+        assert [row["event_id"] for row in json.loads(segment.read_text())["rows"]] == ["e0", "e1"]
+        assert storage.keys("raw/feedback/") == []  # not uploaded yet: durable on local disk only
+        monkeypatch.setattr(events_mod.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left")))
+        full = client.post("/events", json=[_event(2)])
+        assert full.status_code == 503 and "write-ahead log" in full.json()["detail"]["error"]
+        assert app.state.service.sink.buffered == 2  # the refused batch was not taken
+        assert '"e2"' not in segment.read_text()  # and left no torn line behind
+    assert sorted(storage.feedback()["event_id"]) == ["e0", "e1"]
+
+
+def test_a_crashed_sinks_wal_is_replayed_once_and_a_live_one_is_left_alone(storage, tmp_path):
+    now = [NOW]
+    first = _sink(storage, tmp_path, now)
+    first.add(_rows(["a1", "a2"]))
+    first.add(_rows(["b1"], ts="2026-11-23T08:00:00Z"))
+    second = _sink(storage, tmp_path, now)
+    assert second.recover() == 0 and second.buffered == 0  # `first` is alive: its segment is locked
+    _die(first)
+    third = _sink(storage, tmp_path, now)
+    assert third.recover() == 3 and third.buffered == 0
+    assert sorted(_stored_ids(storage)) == ["a1", "a2", "b1"]
+    assert list((tmp_path / "wal").glob("*.wal")) == []
+    assert "raw/feedback/dt=2026-11-22/_SUCCESS" in storage.objects  # both days ended + grace
+    assert "raw/feedback/dt=2026-11-23/_SUCCESS" in storage.objects
+
+
+def test_replay_after_a_crash_mid_upload_overwrites_instead_of_duplicating(storage, tmp_path):
+    now = [NOW]
+    sink = _sink(storage, tmp_path, now)
+    sink.add(_rows(["a1", "a2"]))  # dt=2026-11-22
+    sink.add(_rows(["b1"], ts="2026-11-23T08:00:00Z"))  # dt=2026-11-23
+    real_write = storage.write_parquet
+    calls = []
+
+    def dies_on_second_part(df, key):
+        calls.append(key)
+        if len(calls) == 2:
+            raise OSError("process killed here")
+        return real_write(df, key)
+
+    storage.write_parquet = dies_on_second_part
+    assert sink.flush() == 0
+    _die(sink)  # crashed after dt=2026-11-22's part was written, before the segment was deleted
+    storage.write_parquet = real_write
+    storage.put_bytes("raw/feedback/dt=2026-11-22/_SUCCESS", b"")  # meanwhile another writer completed the day
+    again = _sink(storage, tmp_path, now)
+    assert again.recover() == 3
+    ids = _stored_ids(storage) + _stored_ids(storage, "raw/feedback_late/")
+    assert sorted(ids) == ["a1", "a2", "b1"]  # each once: the same key was rewritten, not a late copy
+    assert storage.keys("raw/feedback_late/") == []
+
+
+def test_torn_last_wal_line_is_skipped(storage, tmp_path):
+    now = [NOW]
+    sink = _sink(storage, tmp_path, now)
+    sink.add(_rows(["a1"]))
+    (segment,) = (tmp_path / "wal").glob("*.wal")
+    with open(segment, "ab") as fh:
+        fh.write(b'{"rows":[{"event_id":"half')  # a write cut off by the crash: never acknowledged
+    _die(sink)
+    assert _sink(storage, tmp_path, now).recover() == 1
+    assert _stored_ids(storage) == ["a1"]
+
+
+def test_the_day_is_marked_complete_only_after_it_ended_plus_the_grace(settings, storage):
+    from shoprank.serving.events import merge_late_events
+
+    clock = [dt.datetime(2026, 11, 22, 23, 50, tzinfo=UTC)]
+    app, _ = make(settings, storage, now=lambda: clock[0], events_grace_minutes=30)
+    marker = "raw/feedback/dt=2026-11-22/_SUCCESS"
+    sink = app.state.service.sink
+    with TestClient(app) as client:
+        assert client.post("/events", json=[_event(0, ts="2026-11-22T23:49:00Z")]).status_code == 202
+        sink.flush()
+        assert _stored_ids(storage) == ["e0"] and marker not in storage.objects  # first flush: no marker
+        clock[0] = dt.datetime(2026, 11, 23, 0, 10, tzinfo=UTC)  # the day ended, still in the grace
+        assert client.post("/events", json=[_event(1, ts="2026-11-22T23:59:59Z")]).status_code == 202
+        sink.flush()
+        assert sorted(_stored_ids(storage)) == ["e0", "e1"] and marker not in storage.objects
+        clock[0] = dt.datetime(2026, 11, 23, 0, 31, tzinfo=UTC)  # ended + 30 minutes: complete
+        sink.flush()
+        assert marker in storage.objects
+        assert client.post("/events", json=[_event(2, ts="2026-11-22T23:59:59Z")]).status_code == 202
+    # after the marker: not added to the complete day, not lost either
+    assert sorted(_stored_ids(storage)) == ["e0", "e1"]
+    (late,) = storage.keys("raw/feedback_late/")
+    assert late.startswith("raw/feedback_late/dt=2026-11-22/part-ev-") and _stored_ids(
+        storage, "raw/feedback_late/") == ["e2"]
+    assert merge_late_events(storage, "2026-11-22") == ["raw/feedback/dt=2026-11-22/" + late.rsplit("/", 1)[1]]
+    assert sorted(_stored_ids(storage)) == ["e0", "e1", "e2"] and storage.keys("raw/feedback_late/") == []
+
+
+def test_a_restart_marks_the_days_a_crash_left_unmarked_but_not_foreign_uploads(storage, tmp_path):
+    df = pd.DataFrame({"x": [1]})
+    storage.write_parquet(df, "raw/feedback/dt=2026-11-22/part-ev-20261122T100000-aaaa.parquet")  # ours
+    storage.write_parquet(df, "raw/feedback/dt=2026-11-23/part-00000.parquet")  # an upload in progress
+    _sink(storage, tmp_path, [NOW]).recover()
+    assert "raw/feedback/dt=2026-11-22/_SUCCESS" in storage.objects
+    assert "raw/feedback/dt=2026-11-23/_SUCCESS" not in storage.objects
+
+
+@pytest.mark.parametrize("ts,needle", [
+    ("0001-01-01T00:00:00Z", "days late are refused"),
+    ("0001-01-01T00:00:00+01:00", "out of range"),
+    ("9999-12-31T23:59:59-01:00", "out of range"),
+    ("2026-11-16T05:59:59Z", "8 days old"),
+])
+def test_events_too_far_in_the_past_are_refused_naming_ts(settings, storage, ts, needle):
+    app, _ = make(settings, storage)
+    with TestClient(app) as client:
+        r = client.post("/events", json=[_event(0), _event(1, ts=ts)])
+        assert r.status_code == 422, r.text
+        (err,) = r.json()["detail"]["errors"]
+        assert (err["index"], err["field"]) == (1, "ts") and needle in err["error"]
+        assert "SHOPRANK_SERVE_EVENTS_MAX_LATE_DAYS" in err["error"] or "range" in needle
+        assert client.post("/events", json=[_event(2, ts="2026-11-17T06:00:01Z")]).status_code == 202  # 6.99 days
+    assert storage.feedback()["event_id"].tolist() == ["e2"]
+
+
+def test_request_bodies_over_the_limit_get_413_unread(settings, storage):
+    app, _ = make(settings, storage, max_body_bytes=2000)
+    with TestClient(app) as client:
+        big = client.post("/events", content=b"x" * 5000, headers={"content-type": "application/json"})
+        assert big.status_code == 413, big.text  # not 400: the body was never parsed
+        assert big.json()["detail"]["field"] == "body" and "SHOPRANK_SERVE_MAX_BODY_BYTES" in big.text
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"events": ['
+            yield b" " * 3000
+            yield b"]}"
+
+        chunked = client.post("/events", content=chunks(), headers={"content-type": "application/json"})
+        assert chunked.status_code == 413, chunked.text
+        rank = client.post("/rank", json={"query": "shoes", "candidates": [{"product_id": "a", "text": "t" * 3000}]})
+        assert rank.status_code == 413
+        assert client.post("/events", json=[_event(0)]).status_code == 202  # small bodies still pass
+        assert metric(client, 'shoprank_serve_errors_total{route="unmatched",status="413"}') == 2.0  # by header
+        assert metric(client, 'shoprank_serve_errors_total{route="/events",status="413"}') == 1.0  # counted
+    assert storage.feedback()["event_id"].tolist() == ["e0"]
+
+
+def test_serve_config_reads_the_event_and_body_settings(tmp_path):
+    env = {"SHOPRANK_HOME": str(tmp_path), "SHOPRANK_ENV_FILE": str(tmp_path / "none")}
+    cfg = ServeConfig.from_env(env)
+    assert (cfg.events_grace_minutes, cfg.events_max_late_days, cfg.max_body_bytes) == (30.0, 7, 1_048_576)
+    cfg = ServeConfig.from_env({**env, "SHOPRANK_SERVE_EVENTS_GRACE_MINUTES": "90",
+                                "SHOPRANK_SERVE_EVENTS_MAX_LATE_DAYS": "2", "SHOPRANK_SERVE_MAX_BODY_BYTES": "4096"})
+    assert (cfg.events_grace_minutes, cfg.events_max_late_days, cfg.max_body_bytes) == (90.0, 2, 4096)
+    with pytest.raises(ConfigError, match="SHOPRANK_SERVE_EVENTS_GRACE_MINUTES"):
+        ServeConfig.from_env({**env, "SHOPRANK_SERVE_EVENTS_GRACE_MINUTES": "-1"})
+    with pytest.raises(ConfigError, match="SHOPRANK_SERVE_MAX_BODY_BYTES"):
+        ServeConfig.from_env({**env, "SHOPRANK_SERVE_MAX_BODY_BYTES": "0"})
+
+
+# ---- scorer fallback: int8 refused -> fp32 ONNX -> torch (issue 17, item 6) ---------------------
+@pytest.fixture()
+def fake_exports(monkeypatch, tmp_path):
+    """A registry version with fake ``export.*`` tags, export dirs on "MLflow" and fake scorers."""
+    import mlflow.artifacts
+
+    import shoprank.mlflow_model
+    import shoprank.registry
+    import shoprank.serving.scorers as scorers
+
+    state = {"tags": {}, "logged": {}}
+
+    class Registry:
+        name = "fake-model"
+
+        def __init__(self, *_a, **_k):
+            pass
+
+        def resolve(self, ref):
+            return "3"
+
+        def version(self, number):
+            return type("MV", (), {"version": number, "run_id": "run-3", "tags": state["tags"]})()
+
+        def tags(self, number):
+            return dict(state["tags"])
+
+    def download_artifacts(run_id, artifact_path, dst_path, tracking_uri=None):
+        backend = artifact_path.split("/")[-1]
+        out = Path(dst_path) / backend
+        out.mkdir(parents=True, exist_ok=True)
+        if state["logged"].get(backend):
+            (out / scorers.ONNX_FILE).write_bytes(b"onnx")
+            (out / scorers.META_FILE).write_text(json.dumps({"backend": backend}))
+        return str(out)
+
+    class FakeOnnx:
+        def __init__(self, path, backend, version=None, **_k):
+            if state["logged"].get(backend) == "corrupt":
+                raise RuntimeError("ONNXRuntimeError: protobuf parsing failed")
+            self.backend, self.version, self.source = backend, version, str(path)
+
+    class FakeTorch:
+        def __init__(self, weights, version=None, **_k):
+            self.backend, self.version, self.source = "torch", version, str(weights)
+
+    monkeypatch.setattr(shoprank.registry, "Registry", Registry)
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download_artifacts)
+    monkeypatch.setattr(scorers, "OnnxScorer", FakeOnnx)
+    monkeypatch.setattr(scorers, "TorchScorer", FakeTorch)
+    monkeypatch.setattr(shoprank.mlflow_model, "download_weights", lambda _s, _uri, dst: dst)
+    return state
+
+
+@pytest.mark.parametrize("tags,logged,backend,expected,needle", [
+    ({"export.status": "partial", "export.backends": "onnx",
+      "export.refused": "onnx-int8: NDCG@10 0.61 vs torch 0.70 exceeds the tolerance 0.005"},
+     {"onnx": True}, "onnx-int8", "onnx", "falling back to its onnx export"),
+    ({"export.status": "refused", "export.backends": "",
+      "export.refused": "onnx-int8: exceeds the tolerance; onnx: exceeds the tolerance"},
+     {}, "onnx-int8", "torch", "falling back to torch"),
+    ({}, {}, "onnx-int8", "torch", "never exported"),
+    ({"export.status": "exported", "export.backends": "onnx-int8,onnx", "export.refused": ""},
+     {"onnx-int8": True, "onnx": True}, "onnx-int8", "onnx-int8", ""),
+    ({"export.status": "exported", "export.backends": "onnx-int8,onnx", "export.refused": ""},
+     {"onnx-int8": "corrupt", "onnx": True}, "onnx-int8", "onnx", "protobuf parsing failed"),
+    ({"export.status": "exported", "export.backends": "onnx-int8", "export.refused": ""},
+     {"onnx-int8": True}, "onnx", "torch", "falling back to torch"),
+    ({"export.status": "exported", "export.backends": "onnx-int8,onnx", "export.refused": ""},
+     {"onnx-int8": True, "onnx": True}, "torch", "torch", ""),
+])
+def test_load_version_scorer_falls_back_int8_then_fp32_onnx_then_torch(settings, fake_exports, tmp_path, caplog,
+                                                                       tags, logged, backend, expected, needle):
+    import logging
+
+    from shoprank.serving.scorers import load_version_scorer
+
+    fake_exports["tags"], fake_exports["logged"] = tags, logged
+    with caplog.at_level(logging.INFO, logger="shoprank.serving.scorers"):
+        scorer = load_version_scorer(settings, "champion", backend, workdir=str(tmp_path / "w"))
+    assert scorer.backend == expected and scorer.version == "3"
+    assert needle in caplog.text
+    if expected != backend:
+        assert any(r.levelname == "WARNING" and expected in r.getMessage() for r in caplog.records)
+
+
+def test_s3_down_at_start_delays_recovery_but_loses_nothing(storage, tmp_path):
+    now = [NOW]
+    first = _sink(storage, tmp_path, now)
+    first.add(_rows(["a1"]))
+    _die(first)
+    storage.fail = True
+    second = _sink(storage, tmp_path, now)
+    assert second.recover() == 1 and second.buffered == 1  # no exception: the start goes on
+    storage.fail = False
+    assert second.flush() == 1  # what the background flusher does next
+    assert _stored_ids(storage) == ["a1"] and "raw/feedback/dt=2026-11-22/_SUCCESS" in storage.objects
+    assert list((tmp_path / "wal").glob("*.wal")) == []

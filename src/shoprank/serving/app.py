@@ -4,22 +4,27 @@
 
 * loads ``@champion`` (and ``@challenger`` in ``ab``/``shadow`` mode) from the MLflow registry
   through a *loader* (default: ``shoprank.serving.scorers.load_version_scorer``: ONNX int8,
-  falling back to PyTorch), polls the aliases every ``poll_seconds`` in a background thread
-  and swaps a new version in atomically once it has loaded (the old one serves until then,
-  and keeps serving if the new one fails to load);
+  falling back to the fp32 ONNX export, then PyTorch), polls the aliases every
+  ``poll_seconds`` in a background thread and swaps a new version in atomically once it has
+  loaded (the old one serves until then, and keeps serving if the new one fails to load);
 * normalises the query (``contracts.normalize_query``: NFKC, lower case, whitespace
   collapsed, as in training) before the length check, scoring and the cache key;
 * scores (query, text) pairs in batches of ``batch_size``; caches recent results in a bounded
   LRU keyed by (model version, backend, query, candidate ids and texts);
 * resolves candidate texts from the latest validated catalogue partition when only ids are
   given; refuses bad input with 422 and a message naming the field / ids;
-* records Prometheus metrics (``GET /metrics``) and feedback events (``shoprank.serving.events``).
+* records Prometheus metrics (``GET /metrics``) and feedback events (``shoprank.serving.events``:
+  each accepted batch is fsync'd to a local write-ahead log before the 202, uploaded to S3
+  later, and replayed at the next start after a crash);
+* refuses request bodies over ``max_body_bytes`` with 413 before reading them (``BodyLimit``).
 
 Settings are :class:`ServeConfig` (``SHOPRANK_SERVE_*``, table in docs/serving.md).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import shutil
 import tempfile
@@ -35,6 +40,7 @@ from typing import Annotated, Any, Callable, Mapping
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,7 +63,7 @@ class ServeConfig:
 
     mode: str = "champion"  # champion | ab | shadow
     challenger_share: float = 0.1  # ab: share of sessions served by @challenger
-    backend: str = "onnx-int8"  # onnx-int8 | onnx | torch (the loader falls back to torch)
+    backend: str = "onnx-int8"  # onnx-int8 | onnx | torch (int8 falls back to onnx, then torch)
     poll_seconds: float = 30.0  # registry alias polling interval
     batch_size: int = 64  # pairs per scorer call
     cache_size: int = 1024  # LRU entries (0 disables the cache)
@@ -68,6 +74,9 @@ class ServeConfig:
     events_flush_size: int = 500  # flush the event buffer at this many events ...
     events_flush_seconds: float = 10.0  # ... or this often
     events_max_buffered: int = 100_000  # beyond this (S3 down) POST /events answers 503
+    events_grace_minutes: float = 30.0  # a day's _SUCCESS marker: only after the day ended + this
+    events_max_late_days: int = 7  # events older than this are refused (422 naming ``ts``)
+    max_body_bytes: int = 1_048_576  # larger request bodies: 413, not read
     catalog_refresh_seconds: float = 300.0  # re-check for a newer validated catalogue partition
     ab_salt: str = "shoprank-ab"  # change it to re-draw the A/B split
 
@@ -96,9 +105,15 @@ class ServeConfig:
         if not 0.0 <= self.challenger_share <= 1.0:
             raise ConfigError(f"SHOPRANK_SERVE_CHALLENGER_SHARE={self.challenger_share}: must be within 0..1")
         for name in ("poll_seconds", "batch_size", "max_candidates", "max_query_chars", "max_text_chars",
-                     "max_events", "events_flush_size", "events_flush_seconds", "events_max_buffered"):
+                     "max_events", "events_flush_size", "events_flush_seconds", "events_max_buffered",
+                     "events_max_late_days", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{self.env_name(name)}={getattr(self, name)}: must be > 0")
+        if self.events_grace_minutes < 0:
+            raise ConfigError(f"{self.env_name('events_grace_minutes')}={self.events_grace_minutes}: must be >= 0")
+        if self.events_max_late_days > 3650:
+            raise ConfigError(f"{self.env_name('events_max_late_days')}={self.events_max_late_days}: "
+                              "must be <= 3650")
         return self
 
 
@@ -398,7 +413,10 @@ class RankingService:
         self.served = LRU(100_000)  # request_id -> (model_version, arm), to complete events
         self.sink = EventSink(storage, flush_size=config.events_flush_size,
                               max_buffered=config.events_max_buffered,
+                              wal_dir=settings.home / "serving" / "wal",
                               spool_dir=settings.home / "serving" / "spool",
+                              grace=dt.timedelta(minutes=config.events_grace_minutes),
+                              max_late=dt.timedelta(days=config.events_max_late_days),
                               on_flush=self._flushed, on_error=lambda _e: metrics.flush_errors.inc())
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -413,12 +431,13 @@ class RankingService:
     # lifecycle
     def start(self) -> None:
         if self.storage is not None:
-            try:
-                recovered = self.sink.recover_spool()
+            try:  # events a crashed process left in the write-ahead log (uploaded now or by the flusher)
+                recovered = self.sink.recover()
                 if recovered:
-                    log.info("uploaded %d spooled feedback events", recovered)
+                    log.info("recovered %d feedback events from the write-ahead log (%d still waiting)",
+                             recovered, self.sink.buffered)
             except Exception as exc:
-                log.warning("spool recovery failed: %s", exc)
+                log.warning("event recovery at start failed (the flusher retries): %s", exc)
         self.models.refresh()
         if self.models.get(CHAMPION) is None:
             log.warning("no @champion loaded yet (%s); /rank answers 503 until one is",
@@ -554,6 +573,13 @@ class RankingService:
             done()
 
     # events
+    def ingest_bytes(self, raw: bytes) -> dict:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise InputError("body", "is not valid JSON", status=400) from None
+        return self.ingest(body)
+
     def ingest(self, body: Any) -> dict:
         events = body.get("events") if isinstance(body, dict) else body
         if isinstance(body, dict) and set(body) - {"events"}:
@@ -562,11 +588,16 @@ class RankingService:
         if self.storage is None:
             raise InputError("events", "no S3 storage configured: events cannot be stored", status=503)
         rows = validate_events(events, hash_key=self.hash_key, max_events=self.config.max_events,
-                               lookup=self.served.get)
+                               now=self.sink.clock(), max_late=self.sink.max_late, lookup=self.served.get)
         if self.sink.room() < len(rows):
             raise InputError("events", f"event buffer full ({self.sink.buffered} events waiting; S3 unreachable?): "
                                        "retry later", status=503)
-        self.sink.add(rows)
+        try:
+            self.sink.add(rows)  # durable (fsync'd write-ahead log) when this returns
+        except OSError as exc:
+            log.error("could not write %d events to the write-ahead log: %s", len(rows), exc)
+            raise InputError("events", f"the events could not be written to the local write-ahead log ({exc}); "
+                                       "nothing was stored: retry later", status=503) from None
         for r in rows:
             self.metrics.events_received.labels(r["event_type"]).inc()
         self.metrics.events_buffered.set(self.sink.buffered)
@@ -574,6 +605,67 @@ class RankingService:
 
 
 # ---- the app -------------------------------------------------------------------------------------
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 without being read.
+
+    A declared ``Content-Length`` over the limit is answered before any byte of the body is
+    received; a body without one (chunked) is counted as it arrives and cut off at the limit."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, send: Any, size: int | None) -> None:
+        what = f"{size} bytes" if size is not None else f"more than {self.limit} bytes"
+        body = json.dumps({"detail": {"field": "body", "error": (
+            f"the request body is {what}; the limit is {self.limit} bytes (SHOPRANK_SERVE_MAX_BODY_BYTES): "
+            "send fewer events or candidates per request")}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._refuse(send, int(value))
+                return
+        received = 0
+        started = refused = False
+
+        async def limited_receive() -> dict:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    if not started and not refused:
+                        refused = True
+                        await self._refuse(send, None)
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 is the answer; drop whatever the app makes of the cut-off body
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+
+
 def create_app(settings: Settings | None = None, *, loader: Loader | None = None,
                resolve_alias: AliasResolver | None = None, storage: Any = "default",
                config: ServeConfig | None = None, hash_key: bytes | str | None = None,
@@ -613,6 +705,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     app = FastAPI(title="shoprank ranking API", version="1", lifespan=lifespan,
                   description="Re-ranks search candidates with the @champion cross-encoder and logs feedback.")
     app.state.service = service
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)  # inside `observe`: 413s are counted
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -645,12 +738,9 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
 
     @app.post("/events", status_code=202)
     async def events(request: Request) -> dict:
-        """Append feedback events (FEEDBACK contract) to raw/feedback/dt=<day>/ in batches."""
-        try:
-            body = await request.json()
-        except ValueError:
-            raise InputError("body", "is not valid JSON", status=400) from None
-        return service.ingest(body)
+        """Append feedback events (FEEDBACK contract); durable on local disk before the 202."""
+        raw = await request.body()  # at most max_body_bytes (BodyLimit)
+        return await run_in_threadpool(service.ingest_bytes, raw)  # JSON parse + fsync off the event loop
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -226,41 +226,65 @@ def exported_backends(settings: Settings, version: str) -> tuple[list[str], str]
     return backends, why
 
 
+def fallback_chain(backend: str) -> tuple[str, ...]:
+    """Backends tried, in order, for a requested one: int8 -> fp32 ONNX -> torch."""
+    check_backend(backend)
+    return BACKENDS[BACKENDS.index(backend):]
+
+
 def load_version_scorer(settings: Settings, version: str = "champion", backend: str = "onnx-int8",
                         workdir: str | None = None, *, batch_size: int = 64, threads: int | None = None) -> Scorer:
     """A scorer for a registered version (number or alias) of ``settings.registered_model``.
 
     Downloads the artifacts from MLflow into ``workdir`` (a temp dir by default).  When the
-    requested ONNX backend was not exported or was refused, falls back to ``torch`` with a
-    warning; the returned scorer's ``.backend`` says what was loaded.  An unknown version or
-    alias raises :class:`shoprank.registry.RegistryError` listing the known versions.
+    requested ONNX backend was not exported, was refused or does not load, it falls back along
+    :func:`fallback_chain`: ``onnx-int8`` -> the fp32 ``onnx`` export when the version has one
+    -> ``torch``, with a warning naming the reason; the returned scorer's ``.backend`` says what
+    was loaded.  An unknown version or alias raises :class:`shoprank.registry.RegistryError`
+    listing the known versions.
     """
     import mlflow
 
     from shoprank.mlflow_model import download_weights
     from shoprank.registry import Registry
 
-    check_backend(backend)
+    chain = fallback_chain(backend)
     registry = Registry(settings)
     number = registry.resolve(version)
     mv = registry.version(number)
     work = Path(workdir or tempfile.mkdtemp(prefix=f"shoprank-v{number}-"))
     work.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    if backend != "torch":
+    problems: list[str] = []
+    if chain[0] != "torch":
         backends, why = exported_backends(settings, number)
-        if backend in backends and mv.run_id:
-            target = work / backend
-            target.mkdir(parents=True, exist_ok=True)
-            local = mlflow.artifacts.download_artifacts(
-                run_id=mv.run_id, artifact_path=f"{EXPORT_ARTIFACT_DIR}/{backend}", dst_path=str(target),
-                tracking_uri=settings.mlflow_tracking_uri)
-            found = _find_export_dir(Path(local), backend)
-            if found is not None:
-                log.info("version %s: loaded %s export from run %s", number, backend, mv.run_id)
-                return OnnxScorer(found, backend, version=number, batch_size=batch_size, threads=threads)
-            why = f"artifact {EXPORT_ARTIFACT_DIR}/{backend}/{ONNX_FILE} is missing from run {mv.run_id}"
-        log.warning("version %s has no usable %s export (%s); falling back to torch", number, backend, why)
+        for candidate in chain[:-1]:
+            if candidate not in backends or not mv.run_id:
+                problems.append(f"{candidate}: {why if candidate not in backends else 'the version has no run'}")
+                continue
+            try:
+                target = work / candidate
+                target.mkdir(parents=True, exist_ok=True)
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=mv.run_id, artifact_path=f"{EXPORT_ARTIFACT_DIR}/{candidate}", dst_path=str(target),
+                    tracking_uri=settings.mlflow_tracking_uri)
+                found = _find_export_dir(Path(local), candidate)
+                if found is None:
+                    problems.append(f"{candidate}: artifact {EXPORT_ARTIFACT_DIR}/{candidate}/{ONNX_FILE} is "
+                                    f"missing from run {mv.run_id}")
+                    continue
+                scorer = OnnxScorer(found, candidate, version=number, batch_size=batch_size, threads=threads)
+            except Exception as exc:  # a corrupt or unreadable export: try the next backend
+                problems.append(f"{candidate}: could not be loaded ({exc})")
+                continue
+            if problems:
+                log.warning("version %s has no usable %s export (%s); falling back to its %s export",
+                            number, backend, "; ".join(problems), candidate)
+            else:
+                log.info("version %s: loaded %s export from run %s", number, candidate, mv.run_id)
+            return scorer
+        log.warning("version %s has no usable %s export (%s); falling back to torch", number, backend,
+                    "; ".join(problems))
     (work / "torch").mkdir(parents=True, exist_ok=True)
     weights = download_weights(settings, f"models:/{registry.name}/{number}", str(work / "torch"))
     return TorchScorer(weights, version=number, batch_size=batch_size)
