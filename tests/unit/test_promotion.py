@@ -118,3 +118,29 @@ def test_card_shows_what_was_actually_trained():
     assert "400 optimizer steps (cap 400, epoch budget 2)" in card
     assert "0.61 epochs of 650 steps" in card and "6,400 training pairs seen" in card
     assert "Ranking score: fused" in card
+
+
+def test_validation_status_comes_from_the_validate_tasks_results():
+    from shoprank.workflow import validation_status
+
+    ok = {"dataset": "catalog", "date": "2026-11-01", "success": True, "status": "passed"}
+    bad = {"dataset": "feedback", "date": "2026-11-02", "success": False, "status": "quarantined"}
+    assert validation_status([ok, ok]) == "passed"
+    assert validation_status([ok, bad]) == "failed: feedback dt=2026-11-02 (quarantined)"
+    assert validation_status([]).startswith("missing")
+    assert not evaluate_gate({**GOOD, "validation_status": validation_status([])}, GatePolicy()).eligible
+
+
+def test_latency_request_and_side_by_side_rounds():
+    import pandas as pd
+
+    from shoprank.evaluation.latency import ranking_request, side_by_side
+
+    test = pd.DataFrame({"query": ["a"] * 3 + ["b"] * 5, "text": list("xyz") + list("pqrst")})
+    request = ranking_request(test, 12)
+    assert len(request) == 12 and set(request["query"]) == {"b"} and request["text"].tolist()[:6] == list("pqrstp")
+    calls = []
+    timed = side_by_side({"challenger": lambda d: calls.append("c"), "champion": lambda d: calls.append("h")},
+                         request, rounds=3, warmup=1)
+    assert set(timed) == {"challenger", "champion"} and all(v >= 0 for v in timed.values())
+    assert calls == ["c", "h", "c", "h", "h", "c", "c", "h"]  # warm-up, then alternating order
