@@ -2,6 +2,10 @@
 
 A small read-only DAG, handy after dropping your own files into raw/ to check that
 shoprank sees them.  Reads S3 through the Airflow connection `shoprank_s3`.
+
+It never fails on what was dropped: folders that are not `dt=YYYY-MM-DD` partitions
+(`dt=2026-02-30`, `date=2026-11-20`), partitions still missing their `_SUCCESS` marker and
+files that cannot be counted are listed under "problems" with their S3 key.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ def shoprank_inventory():
         from shoprank.airflow_support import task_storage
         from shoprank.inventory import inventory
 
-        return inventory(task_storage())
+        result = inventory(task_storage())
+        for p in result["problems"]:
+            print(f"problem: {p['key']}: {p['problem']}")
+        return result
 
     list_partitions()
 

@@ -238,7 +238,9 @@ def train_params(manifest: dict) -> dict:
     rate for a warm start than for a full retrain (from the base model)."""
     policy = manifest["update_policy"]
     warm = manifest["mode"] == "warm"
-    return {"epochs": 1, "batch_size": 16, "lr": 2e-5 if warm else 5e-5,
+    from shoprank.training.config import DEFAULT_LOSS
+
+    return {"epochs": 1, "batch_size": 16, "lr": 2e-5 if warm else 5e-5, "loss": DEFAULT_LOSS,
             "max_steps": int(policy["warm_steps"] if warm else policy["full_steps"])}
 
 

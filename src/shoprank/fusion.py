@@ -16,11 +16,20 @@ context, so serving can score any subset of candidates in any batches):
 * ``coverage``: the IDF-weighted share of the query's terms present in the product text.
 
 **Fitting.** The weights are fitted after training on the **validation split only** (never
-the test split; never the training split, whose cross-encoder scores are over-confident):
-a pairwise logistic (RankNet) objective over every pair of a query's candidates with
-different grades, each pair weighted by its grade difference, plus a small L2 penalty,
-solved with L-BFGS (scipy).  Then the fused score, the cross-encoder alone and BM25 alone
-are compared by validation NDCG@10 and the best is kept (``kind``); with fewer than
+the test split; never the training split, whose cross-encoder scores are over-confident),
+in two steps:
+
+1. the *direction*: a pairwise logistic (RankNet) objective over every pair of a query's
+   candidates with different grades, each pair weighted by its grade difference, plus a
+   small L2 penalty, solved with L-BFGS (scipy); this gives the relative weight of BM25
+   and coverage (the lexical part) and of the cross-encoder;
+2. the *mix*: the pairwise loss counts every pair alike, NDCG@10 only the top of each list,
+   so the share ``t`` of the (standardised) lexical part against the (standardised)
+   cross-encoder is chosen on a grid ``t = 0, 0.1, ..., 1`` by validation NDCG@10, the
+   metric the gate uses (one scalar: little room to over-fit).
+
+Then the fused score, the cross-encoder alone and BM25 alone are compared by validation
+NDCG@10 and the best is kept (``kind``; ties go to the simpler one); with fewer than
 ``MIN_VAL_QUERIES`` validation queries having a relevant product there is too little
 evidence to fit and the cross-encoder is used alone.  The choice, the weights and the
 validation figures are written next to the weights (``shoprank_fusion.json``) with the
@@ -47,6 +56,8 @@ log = logging.getLogger(__name__)
 FUSION_FILE = "shoprank_fusion.json"
 FEATURES = ("ce", "bm25_norm", "coverage")
 KINDS = ("fused", "cross_encoder", "bm25")
+PREFERENCE = ("cross_encoder", "bm25", "fused")  # on a tie, the simpler score
+MIX_GRID = tuple(i / 10 for i in range(11))
 MIN_VAL_QUERIES = 20
 L2 = 1e-3
 
@@ -147,16 +158,20 @@ def fit_fusion(val: pd.DataFrame, ce_scores: np.ndarray, stats: Bm25Stats | None
     queries, texts = val["query"].astype(str).tolist(), val["text"].fillna("").astype(str).tolist()
     lexical = lexical_features(stats, queries, texts)
     ce = np.asarray(ce_scores, dtype=np.float64)
-    features = np.column_stack([ce, lexical])
-    w = fit_weights(features, grades, qid)
-    fused = Fusion(kind="fused", weights=dict(zip(FEATURES, map(float, w))), val_queries=n_queries)
+    w = fit_weights(np.column_stack([ce, lexical]), grades, qid)
+    ce_part, lex_part = w[0] * ce, lexical @ w[1:]
+    sd_ce, sd_lex = float(ce_part.std()) or 1.0, float(lex_part.std()) or 1.0
+    mixes = {t: float(ndcg(val, (1 - t) * ce_part / sd_ce + t * lex_part / sd_lex)) for t in MIX_GRID}
+    t = max(MIX_GRID, key=lambda m: (mixes[m], -abs(m - 0.5)))
+    weights = [(1 - t) * w[0] / sd_ce, t * w[1] / sd_lex, t * w[2] / sd_lex]
+    fused = Fusion(kind="fused", weights=dict(zip(FEATURES, map(float, weights))), val_queries=n_queries)
     candidates = {"fused": fused.combine(ce, lexical), "cross_encoder": ce, "bm25": lexical[:, 0]}
     figures = {k: float(ndcg(val, s)) for k, s in candidates.items()}
-    best = max(KINDS, key=lambda k: (figures[k], -KINDS.index(k)))
+    best = max(KINDS, key=lambda k: (round(figures[k], 6), PREFERENCE.index(k) * -1))
     fused.kind = best
     fused.val_ndcg_at_10 = figures
     fused.reason = (f"validation NDCG@10 on {n_queries} queries: " +
-                    ", ".join(f"{k} {v:.4f}" for k, v in figures.items()) + f"; kept {best}")
+                    ", ".join(f"{k} {v:.4f}" for k, v in figures.items()) + f" (lexical share {t:.1f}); kept {best}")
     log.info("fusion: %s; weights %s", fused.reason, {k: round(v, 4) for k, v in fused.weights.items()})
     return fused
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import boto3
@@ -122,6 +123,126 @@ def _explain(exc: Exception, settings: Settings, what: str) -> StorageError:
     return StorageError(f"S3 failure at {where} while trying to {what}: {exc}")
 
 
+# ---- what counts as a partition, and what counts as data -----------------------------------
+_DAY_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_CHECKSUM_SUFFIXES = (".crc", ".md5", ".sha1", ".sha256")
+
+
+def parse_partition_folder(folder: str) -> tuple[str | None, str | None]:
+    """``"dt=2026-11-20"`` -> ``("2026-11-20", None)``; anything else -> ``(None, problem)``."""
+    name, sep, value = folder.partition("=")
+    if name == "dt" and _DAY_RE.fullmatch(value):
+        try:
+            dt.date.fromisoformat(value)
+            return value, None
+        except ValueError:
+            return None, f"{value!r} is not a real calendar date (partition folders are dt=YYYY-MM-DD)"
+    guess = value if sep else folder
+    hint = ""
+    if _DAY_RE.fullmatch(guess.strip()):
+        try:
+            dt.date.fromisoformat(guess.strip())
+            hint = f"; rename it to dt={guess.strip()}/"
+        except ValueError:
+            hint = f"; {guess.strip()!r} is not a real calendar date either"
+    if name == "dt":
+        return None, f"{value!r} is not a date in YYYY-MM-DD form (partition folders are dt=YYYY-MM-DD){hint}"
+    return None, f"not a partition folder: partitions are named dt=YYYY-MM-DD{hint}"
+
+
+def non_data_reason(rel: str) -> str | None:
+    """Why a key (relative to its partition folder) is not data, or None when it may be data.
+
+    The rule: folder markers (keys ending in ``/`` or ``_$folder$``), anything whose name or
+    folder starts with ``_`` or ``.`` (``_SUCCESS``, ``_validation.json``, ``_committed_*``,
+    Spark's ``_temporary/``, hidden files) and checksum side files (``.crc``, ``.md5``, ...).
+    """
+    if rel == "" or rel.endswith("/"):
+        return "folder marker (an S3 console 'folder'), not data"
+    if rel.endswith("_$folder$"):
+        return "folder marker (_$folder$), not data"
+    parts = rel.split("/")
+    for part in parts[:-1]:
+        if part.startswith(("_", ".")):
+            return f"inside {part}/ (folders starting with '_' or '.' are job metadata, e.g. Spark's _temporary/)"
+    name = parts[-1]
+    if name == SUCCESS_MARKER:
+        return "completeness marker"
+    if name.startswith("_"):
+        return "metadata file (name starts with '_')"
+    if name.startswith("."):
+        return "hidden file (name starts with '.')"
+    if name.lower().endswith(_CHECKSUM_SUFFIXES):
+        return "checksum side file, not data"
+    return None
+
+
+@dataclass
+class PartitionListing:
+    """One partition's keys, sorted by rule."""
+
+    prefix: str
+    data: list[str] = field(default_factory=list)  # data files directly under the folder
+    nested: list[str] = field(default_factory=list)  # data-looking files in a subfolder (not read)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (key, why it is not data)
+    complete: bool = False  # the _SUCCESS marker exists
+
+    def ignored_lines(self) -> list[str]:
+        return [f"{key}: {why}" for key, why in self.ignored]
+
+
+def classify_partition_keys(prefix: str, keys: list[str]) -> PartitionListing:
+    out = PartitionListing(prefix)
+    for key in keys:
+        rel = key[len(prefix):]
+        if rel == SUCCESS_MARKER:
+            out.complete = True
+        why = non_data_reason(rel)
+        if why is not None:
+            out.ignored.append((key, why))
+        elif "/" in rel:
+            out.nested.append(key)
+        else:
+            out.data.append(key)
+    return out
+
+
+@dataclass
+class PartitionScan:
+    """The folders under ``<zone>/<dataset>/``."""
+
+    prefix: str
+    complete: list[str] = field(default_factory=list)  # days with _SUCCESS, oldest first
+    incomplete: list[str] = field(default_factory=list)  # days with keys but no _SUCCESS
+    malformed: list[tuple[str, str]] = field(default_factory=list)  # (folder key, problem)
+
+
+def scan_partition_keys(prefix: str, keys: list[str]) -> PartitionScan:
+    scan = PartitionScan(prefix)
+    complete, seen, bad = set(), set(), {}
+    for key in keys:
+        rel = key[len(prefix):]
+        if rel == "":
+            continue  # the dataset folder's own marker
+        folder, slash, rest = rel.partition("/")
+        if folder.startswith(("_", ".")) or (not slash and non_data_reason(rel) is not None):
+            continue  # job metadata next to the partitions (e.g. Spark's _SUCCESS at the root)
+        if not slash:
+            bad.setdefault(key, "a file directly under the dataset folder, outside any dt=YYYY-MM-DD/ partition")
+            continue
+        day, problem = parse_partition_folder(folder)
+        if day is None:
+            bad.setdefault(prefix + folder + "/", problem or "not a partition folder")
+            continue
+        seen.add(day)
+        if rest == SUCCESS_MARKER:
+            complete.add(day)
+    scan.complete = sorted(complete)
+    scan.incomplete = sorted(seen - complete)
+    scan.malformed = sorted(bad.items())
+    return scan
+
+
 @dataclass
 class Storage:
     """Thin, typed wrapper around one bucket."""
@@ -201,19 +322,35 @@ class Storage:
             raise _explain(exc, self.settings, f"list {prefix}") from exc
         return sorted(keys)
 
+    def scan_partitions(self, zone: str, dataset: str) -> "PartitionScan":
+        """Every folder under ``<zone>/<dataset>/``, sorted into complete, incomplete (no
+        ``_SUCCESS``) and malformed (not ``dt=YYYY-MM-DD`` with a real date) partitions."""
+        return scan_partition_keys(f"{zone}/{dataset}/", self.list_keys(f"{zone}/{dataset}/"))
+
     def list_partitions(self, zone: str, dataset: str) -> list[str]:
-        """Dates (YYYY-MM-DD) of complete partitions of a dataset, oldest first."""
-        prefix = f"{zone}/{dataset}/dt="
-        days = set()
-        for key in self.list_keys(prefix):
-            if key.endswith("/" + SUCCESS_MARKER):
-                days.add(key[len(prefix) :].split("/", 1)[0])
-        return sorted(days)
+        """Dates (YYYY-MM-DD) of complete partitions of a dataset, oldest first.
+
+        Only ``dt=YYYY-MM-DD`` folders holding a ``_SUCCESS`` marker count; malformed folders
+        (``dt=2026-02-30``, ``date=...``) never do (see :meth:`scan_partitions`)."""
+        return self.scan_partitions(zone, dataset).complete
 
     def latest_partition(self, zone: str, dataset: str, on_or_before: str | None = None) -> str | None:
-        """Newest complete partition date of a dataset (on or before a date), or None."""
-        days = [d for d in self.list_partitions(zone, dataset) if on_or_before is None or d <= on_or_before]
+        """Newest complete partition date of a dataset (on or before a date), or None.
+
+        Malformed partition folders are never chosen; they are logged with their key."""
+        scan = self.scan_partitions(zone, dataset)
+        for key, problem in scan.malformed:
+            log.warning("ignored %s: %s", self.uri(key), problem)
+        if isinstance(on_or_before, dt.date):
+            on_or_before = on_or_before.isoformat()
+        days = [d for d in scan.complete if on_or_before is None or d <= on_or_before]
         return days[-1] if days else None
+
+    def partition_listing(self, zone: str, dataset: str, day: dt.date | str) -> "PartitionListing":
+        """The keys of one partition, sorted by rule into data files, files in subfolders,
+        keys that are not data (markers, ``_temporary/``, ``.crc``, ...) and completeness."""
+        prefix = partition_prefix(zone, dataset, day)
+        return classify_partition_keys(prefix, self.list_keys(prefix))
 
     def copy(self, src_key: str, dst_key: str) -> None:
         try:
@@ -272,8 +409,8 @@ class Storage:
         return keys
 
     def partition_files(self, zone: str, dataset: str, day: dt.date | str) -> list[str]:
-        prefix = partition_prefix(zone, dataset, day)
-        return [k for k in self.list_keys(prefix) if not k.rsplit("/", 1)[-1].startswith("_")]
+        """Data files directly under the partition folder (non-data keys ignored by rule)."""
+        return self.partition_listing(zone, dataset, day).data
 
     def read_partition(self, zone: str, dataset: str, day: dt.date | str) -> pd.DataFrame:
         keys = [k for k in self.partition_files(zone, dataset, day) if k.endswith(".parquet")]

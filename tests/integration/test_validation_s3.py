@@ -44,6 +44,7 @@ def put_files(storage, dataset: str, day: str, files: dict[str, bytes]) -> dict[
     prefix = f"raw/{dataset}/dt={day}/"
     for name, data in files.items():
         storage.put_bytes(prefix + name, data)
+    storage.put_bytes(prefix + "_SUCCESS", b"")  # the upload is complete: validation may read it
     return snapshot(storage, prefix)
 
 

@@ -60,10 +60,13 @@ def raw_state(storage, prefix: str) -> dict[str, tuple[bytes, str]]:
             for k in storage.list_keys(prefix)}
 
 
-def put(storage, dataset: str, day: str, files: dict[str, bytes]) -> dict[str, tuple[bytes, str]]:
+def put(storage, dataset: str, day: str, files: dict[str, bytes], complete: bool = True) -> dict[str, tuple[bytes, str]]:
+    """Upload ``files`` into the raw partition, then (``complete``) its ``_SUCCESS`` marker."""
     prefix = f"raw/{dataset}/dt={day}/"
     for name, data in files.items():
         storage.put_bytes(prefix + name, data)
+    if complete:
+        storage.put_bytes(prefix + "_SUCCESS", b"")
     return raw_state(storage, prefix)
 
 

@@ -412,3 +412,89 @@ def test_samples_are_deterministic():
     a, b = samples.feedback(500, seed=3), samples.feedback(500, seed=3)
     pd.testing.assert_frame_equal(a, b)
     assert np.all(a["ts"].dt.strftime("%Y-%m-%d") == DAY)
+
+
+# ---- issue 17: per-cell casting, key rules, folder rules (in memory) -----------------------------
+def test_csv_integer_cells_keep_their_text_and_lossless_forms_pass(ids):
+    df = clean("feedback", ids)
+    lines = df.to_csv(index=False).splitlines()
+    pos = FB.names.index("position")
+    for row, text in ((3, "1e20"), (4, "inf"), (5, ""), (6, "3.0"), (7, "9223372036854775808")):
+        cells = lines[row + 1].split(",")
+        cells[pos] = text
+        lines[row + 1] = ",".join(cells)
+    batch = read_files({"e.csv": ("\n".join(lines) + "\n").encode()}, FB)
+    assert batch.type_errors["position"]["rows"] == 3
+    assert [batch.shown(i, "position") for i in range(3, 8)] == ["'1e20'", "'inf'", "''", "'3.0'",
+                                                                "'9223372036854775808'"]
+    out = validate_frame(batch.df, "feedback", DAY, OPTS, catalog_product_ids=ids, batch=batch)
+    assert set(out.failed_checks) == {"position_type", "position_not_null"}, out.message()
+    assert "e.csv line 6: event_id='e0-4', position='inf'" in out.message()
+
+
+def test_nested_and_non_finite_values_are_type_failures_not_crashes(ids):
+    df = clean("catalog", ids)
+    df["attributes"] = df["attributes"].astype(object)
+    df.at[2, "attributes"] = {"color": "red"}
+    df.loc[4, "price"] = np.inf
+    out = run(df, "catalog", ids)
+    assert set(out.failed_checks) == {"attributes_type", "price_type"}, out.message()
+    assert "attributes='{\"color\": \"red\"}'" in out.message() and "price='inf'" in out.message()
+
+
+@pytest.mark.parametrize("breakage,check", [
+    (_set("title", [3], " \u200b "), "title_not_blank"),
+    (_set("category", [3], "Home>Kitchen"), "category_is_a_path"),
+    (_set("attributes", [3], "[1, 2]"), "attributes_json_object"),
+    (_set("price", [3], 1e308), "price_in_range"),
+    (lambda df: df.assign(product_id=df["product_id"].where(df.index != 3, "\uff50000004")),
+     "product_id_no_lookalikes"),
+])
+def test_catalog_contract_rules(breakage, check, ids):
+    out = run(breakage(clean("catalog", ids)), "catalog", ids)
+    assert out.failed_checks == [check], out.message()
+    assert "<dataframe> row 3" in out.message()
+
+
+def test_feedback_arm_must_be_a_known_arm(ids):
+    df = clean("feedback", ids).assign(arm="champion")
+    df.loc[11, "arm"] = "treatment"
+    out = run(df, "feedback", ids)
+    assert out.failed_checks == ["arm_in_allowed_set"] and "arm='treatment'" in out.message()
+
+
+def test_format_hints():
+    import gzip
+
+    q = samples.queries(day=DAY)
+    buf = io.BytesIO()
+    q.set_index("query").to_parquet(buf)
+    cases = {"a.csv": (q.to_csv(index=False, sep=";").encode(), "semicolon"),
+             "b.csv": (gzip.compress(q.to_csv(index=False).encode()), "name it .csv.gz"),
+             "c.parquet": (buf.getvalue(), "pandas index")}
+    for name, (data, hint) in cases.items():
+        (issue,) = read_files({name: data}, CONTRACTS["queries"]).malformed
+        assert hint in issue.problem, issue.problem
+
+
+def test_non_data_keys_and_partition_folders_follow_rules():
+    from shoprank.storage import classify_partition_keys, non_data_reason, parse_partition_folder, scan_partition_keys
+    from shoprank.validation.runner import safe_run_id
+
+    for rel in ("_SUCCESS", "_validation.json", "_committed_1", "_temporary/0/part-0.parquet", "backup/",
+                "part-0.parquet.crc", ".hidden", "x_$folder$"):
+        assert non_data_reason(rel), rel
+    assert non_data_reason("part-0.parquet") is None and non_data_reason("sub/part-0.parquet") is None
+    listing = classify_partition_keys("p/", ["p/a.parquet", "p/_SUCCESS", "p/sub/b.parquet", "p/_temporary/c"])
+    assert listing.data == ["p/a.parquet"] and listing.nested == ["p/sub/b.parquet"] and listing.complete
+    assert parse_partition_folder("dt=2026-11-20") == ("2026-11-20", None)
+    for bad in ("dt=2026-02-30", "dt=2026-13-01", "date=2026-11-20", "2026-11-20", "dt=20261120", "dt=2026-1-5"):
+        assert parse_partition_folder(bad)[0] is None, bad
+    scan = scan_partition_keys("raw/q/", ["raw/q/dt=2026-11-20/_SUCCESS", "raw/q/dt=2026-02-30/_SUCCESS",
+                                          "raw/q/dt=2026-11-21/a.parquet", "raw/q/_SUCCESS"])
+    assert scan.complete == ["2026-11-20"] and scan.incomplete == ["2026-11-21"]
+    assert [k for k, _ in scan.malformed] == ["raw/q/dt=2026-02-30/"]
+    assert safe_run_id("manual__2026-11-23T09:00:00+00:00") == "manual__2026-11-23T09_00_00_00_00"
+    for rid in ("..", "../../x", "a/../b", "", "."):
+        seg = safe_run_id(rid)
+        assert seg and "/" not in seg and ".." not in seg and not seg.startswith("."), (rid, seg)

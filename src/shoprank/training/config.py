@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from shoprank.config import DEFAULT_BASE_MODEL, Settings
 
 LOSSES = ("pointwise", "pairwise", "listwise")
-DEFAULT_LOSS = "pointwise"  # chosen by validation figures: bench/README.md "Ranking recipe"
+DEFAULT_LOSS = "listwise"  # chosen by validation figures: bench/README.md "Ranking recipe"
 FUSIONS = ("auto", "off")
 # Lightning precision names the form offers; None (or "auto") picks bf16/16-mixed on CUDA, 32 on CPU
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
@@ -50,7 +50,7 @@ class TrainConfig:
     batch_size: int = 32  # pairs per batch (listwise: queries_per_batch = batch_size // list_size)
     eval_batch_size: int = 64
     # "pointwise" (BCE vs grade/3), "listwise" (softmax cross-entropy) or "pairwise" (RankNet)
-    loss: str = "pointwise"
+    loss: str = "pointwise"  # library default; the train form and the daily update use DEFAULT_LOSS
     list_size: int = 16  # listwise: candidates per query per step (sampled, keeps a relevant one)
     gradient_clip_val: float | None = 1.0
     early_stopping_patience: int = 2  # validations without val_ndcg@10 improvement; 0 disables

@@ -384,8 +384,13 @@ class RankingDataModule(L.LightningDataModule):
     def train_sampler(self, rank: int = 0, world_size: int = 1) -> ResumableBatchSampler:
         self.setup("fit")
         ds = self.datasets["train"]
+        groups = []
         if self.loss in ("listwise", "pairwise"):
             groups = [g for g in ds.groups() if ds.grade[g].min() != ds.grade[g].max()]
+            if not groups:
+                log.warning("%s: no query has candidates of different grades; training pointwise instead",
+                            self.loss)
+        if groups:
             dropped = len(ds.queries) - len(groups)
             if dropped:
                 log.info("%s: %d queries with a single grade carry no ranking signal, skipped", self.loss, dropped)

@@ -10,8 +10,9 @@ Public API::
     build_suite(dataset, options=None) -> great_expectations.ExpectationSuite
     ValidationOptions / DriftOptions (thresholds; from_env(), from_mapping())
 
-Exceptions: EmptyPartition (skip the day), ValidationFailed (quarantined; subclasses
-MalformedPartition and DriftDetected), all under ValidationError.
+Exceptions: EmptyPartition (skip the day; its subclass IncompletePartition: no _SUCCESS marker
+yet, wait), ValidationFailed (quarantined; subclasses MalformedPartition and DriftDetected),
+all under ValidationError.
 
 Great Expectations is imported lazily (it takes ~4 s), on the first validation.
 """
@@ -20,6 +21,7 @@ from shoprank.validation.drift import DriftMetric, DriftReport, check_drift, com
 from shoprank.validation.errors import (
     DriftDetected,
     EmptyPartition,
+    IncompletePartition,
     MalformedPartition,
     ValidationError,
     ValidationFailed,
@@ -38,7 +40,7 @@ from shoprank.validation.suites import SUITES, add_derived_columns, build_suite,
 
 __all__ = [
     "DOCS_INDEX_KEY", "DOCS_PREFIX", "SUITES", "CheckFailure", "DriftDetected", "DriftMetric", "DriftOptions",
-    "DriftReport", "EmptyPartition", "MalformedPartition", "RawBatch", "ReadIssue", "ValidationError",
+    "DriftReport", "EmptyPartition", "IncompletePartition", "MalformedPartition", "RawBatch", "ReadIssue", "ValidationError",
     "ValidationFailed", "ValidationOptions", "ValidationOutcome", "add_derived_columns", "build_suite",
     "check_drift", "check_names", "compute_drift", "drift_report_key", "psi", "read_files",
     "suite_parameters", "validate_frame", "validate_partition",

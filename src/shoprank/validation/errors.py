@@ -4,6 +4,7 @@ Hierarchy::
 
     ValidationError                 base class, never raised itself
     ├── EmptyPartition              no data files / zero rows: the daily DAG skips the day
+    │   └── IncompletePartition     data files but no _SUCCESS marker yet: not validated, skipped
     └── ValidationFailed            the batch was quarantined (carries the outcome)
         ├── MalformedPartition      files could not be read (encoding, truncated Parquet, ...)
         └── DriftDetected           drift beyond a threshold while drift is set to block
@@ -32,6 +33,15 @@ class EmptyPartition(ValidationError):
     def __init__(self, message: str, outcome: "ValidationOutcome | None" = None):
         super().__init__(message)
         self.outcome = outcome
+
+
+class IncompletePartition(EmptyPartition):
+    """The partition has data files but no ``_SUCCESS`` marker yet (an upload in progress).
+
+    Nothing is read, quarantined or promoted.  A subclass of :class:`EmptyPartition` so every
+    caller that skips an empty day also skips (waits for) an incomplete one; run the
+    validation again once the marker exists.
+    """
 
 
 class ValidationFailed(ValidationError):

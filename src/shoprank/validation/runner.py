@@ -2,7 +2,15 @@
 (:func:`validate_partition`: read, validate, Data Docs, drift, then promote or quarantine).
 
 No Airflow here: the DAG task calls :func:`validate_partition` and maps its exceptions
-(``EmptyPartition`` -> skip, ``ValidationFailed`` -> fail with the message).
+(``EmptyPartition`` and its subclass ``IncompletePartition`` -> skip, ``ValidationFailed`` ->
+fail with the message).
+
+One refusal path: whatever is wrong with a batch (a file that cannot be read, a cell that does
+not fit its type, a failed expectation, blocking drift, or an unexpected error while checking
+it) ends in :func:`_refuse`: the raw files are copied byte for byte to
+``quarantine/<dataset>/dt=<day>/<run>/`` with ``_validation_report.json`` and
+``_validation_report.md``, raw is left untouched, and a :class:`ValidationFailed` carries a
+message naming the check, the file, the row, the column and the value as written.
 """
 
 from __future__ import annotations
@@ -12,14 +20,15 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import pandas as pd
 
 from shoprank.data.contracts import CONTRACTS
@@ -36,13 +45,15 @@ from shoprank.validation.drift import (
 from shoprank.validation.errors import (
     DriftDetected,
     EmptyPartition,
+    IncompletePartition,
     MalformedPartition,
     ValidationError,
     ValidationFailed,
 )
 from shoprank.validation.options import ValidationOptions
-from shoprank.validation.reading import RawBatch, read_files
+from shoprank.validation.reading import RawBatch, ReadIssue, read_files, read_frame, short_repr
 from shoprank.validation.suites import (
+    DERIVED_PREFIX,
     SUITES,
     add_derived_columns,
     build_suite,
@@ -119,11 +130,18 @@ def _cached_definition(dataset: str, options: ValidationOptions):
 def _run_id(run_id: str, when: dt.datetime):
     from great_expectations.core.run_identifier import RunIdentifier
 
-    return RunIdentifier(run_name=_safe(run_id), run_time=when)
+    return RunIdentifier(run_name=safe_run_id(run_id), run_time=when)
 
 
-def _safe(run_id: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in run_id)
+def safe_run_id(run_id: str) -> str:
+    """``run_id`` as one safe path segment: ASCII letters, digits and ``-_.=`` only, no ``..``,
+    no leading dot, at most 150 characters (``manual__2026-11-23T09:00:00+00:00`` ->
+    ``manual__2026-11-23T09_00_00_00_00``; ``../../x`` -> ``____x``)."""
+    text = re.sub(r"[^A-Za-z0-9_.=-]", "_", str(run_id))
+    text = re.sub(r"\.{2,}", "_", text).lstrip(".")
+    if len(text) > 150:
+        text = text[:139] + "-" + hashlib.sha1(str(run_id).encode()).hexdigest()[:10]
+    return text or "run"
 
 
 # ---- outcome ---------------------------------------------------------------------------------
@@ -162,6 +180,8 @@ class ValidationOutcome:
     failures: list[CheckFailure] = field(default_factory=list)
     read_issues: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    ignored_keys: list[str] = field(default_factory=list)  # "key: why it is not data", skipped by rule
+    stray_folders: list[str] = field(default_factory=list)  # "key: problem" of malformed partition folders
     parameters: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     raw_prefix: str | None = None
@@ -198,6 +218,8 @@ class ValidationOutcome:
             return f"{where}: empty partition, the files hold zero rows (the daily run skips this day)"
         if self.status == "drift":
             return f"{where}: blocking drift"
+        if self.status == "error":
+            return f"{where}: the batch could not be checked (an unexpected error), so it is refused"
         return f"{where} failed validation: {len(self.failures)} of {len(self.checks)} checks failed on {self.row_count:,} rows"
 
     def summary(self) -> str:
@@ -211,7 +233,10 @@ class ValidationOutcome:
             lines.append(f"Data Docs: {self.uri(self.docs_index_key)} (this run: {self.uri(self.docs_page_key)})")
         if self.drift:
             lines.append(f"drift ({self.uri(self.drift_report_key)}): {self.drift.get('summary', '')}")
+        if self.ignored_keys:
+            lines.append(f"ignored (not data, by rule): {len(self.ignored_keys)} key(s), listed in the report")
         lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"warning: not a partition, ignored: {k}" for k in self.stray_folders]
         return "\n".join(lines)
 
     def message(self) -> str:
@@ -225,6 +250,8 @@ class ValidationOutcome:
         if self.quarantine_prefix:
             lines.append(f"Batch and report copied to {self.uri(self.quarantine_prefix)} "
                          f"({REPORT_MD}); {self.uri(self.raw_prefix)} is left untouched.")
+        else:
+            lines += [f"  ! {w}" for w in self.warnings if w.startswith("quarantine copy")]
         if self.docs_page_key:
             lines.append(f"Data Docs: {self.uri(self.docs_page_key)}")
         return "\n".join(lines)
@@ -253,6 +280,14 @@ class ValidationOutcome:
             out += [f"| {name} | {'pass' if ok_ else '**FAIL**'} |" for name, ok_ in self.checks.items()]
         if self.warnings:
             out += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        if self.ignored_keys:
+            out += ["", "## Keys ignored (not data)", "",
+                    "Skipped by rule: folder markers, names or folders starting with `_` or `.` "
+                    "(`_SUCCESS`, `_temporary/`, `_committed_*`), checksum files (`.crc`).", ""]
+            out += [f"- `{k}`" for k in self.ignored_keys]
+        if self.stray_folders:
+            out += ["", "## Folders that are not partitions (never validated, never 'latest')", ""]
+            out += [f"- `{k}`" for k in self.stray_folders]
         if self.drift:
             out += ["", "## Drift", "", "```", self.drift.get("summary", ""), "```"]
         out += ["", "## What to do", "",
@@ -263,12 +298,32 @@ class ValidationOutcome:
 
 # ---- turning GX results into words -----------------------------------------------------------
 def _short(value: Any, limit: int = 60) -> str:
-    if isinstance(value, pd.Timestamp):
-        return value.isoformat()
-    if value is None or (not isinstance(value, (list, dict, np.ndarray)) and pd.isna(value)):
-        return "null"
-    text = repr(value.item() if isinstance(value, np.generic) else value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return short_repr(value, limit)
+
+
+def _cell(df: pd.DataFrame, batch: RawBatch, idx: int, column: str) -> str:
+    """A cell for a message: as written when the batch knows it, else the (derived) value."""
+    if column in batch.df.columns and len(batch.df) == len(df):
+        return batch.shown(idx, column)
+    return _short(df.iat[idx, df.columns.get_loc(column)])
+
+
+def _type_detail(column: str | None, batch: RawBatch, want: str | None) -> str:
+    info = batch.type_errors.get(column or "")
+    if not info:
+        return ""
+    found = ", ".join(f"{k} x{v:,}" for k, v in info["found"].items())
+    hints = []
+    kinds = set(info["found"])
+    if want == "string" and kinds & {"struct/map", "list"}:
+        hints.append("nested values where the contract has text: write them as JSON text (json.dumps) or flatten them")
+    if kinds & {"non-finite number", "non-finite float"}:
+        hints.append("inf and nan are not numbers the contract accepts")
+    if kinds & {"number out of range", "float out of int64 range", "int beyond int64"}:
+        hints.append("beyond the 64-bit integer range")
+    if kinds & {"number with a fraction", "float with a fraction"}:
+        hints.append("an integer column cannot hold fractions")
+    return f"; found {found}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def _rule(etype: str, kw: dict[str, Any]) -> str:
@@ -315,7 +370,7 @@ def _failure(er: Any, df: pd.DataFrame, batch: RawBatch, params: dict[str, Any],
     cfg = er.expectation_config
     etype, kw, meta = cfg.type, dict(cfg.kwargs), dict(cfg.meta or {})
     check = meta.get("check", etype)
-    column = kw.get("column") or (",".join(kw["column_list"]) if kw.get("column_list") else None)
+    column = meta.get("column") or kw.get("column") or (",".join(kw["column_list"]) if kw.get("column_list") else None)
     res = er.result or {}
     err = _exception_text(er.exception_info)
     if err:
@@ -341,33 +396,44 @@ def _failure(er: Any, df: pd.DataFrame, batch: RawBatch, params: dict[str, Any],
     uc = int(res.get("unexpected_count") or 0)
     pct = float(res.get("unexpected_percent_total", res.get("unexpected_percent")) or 0.0)
     mostly = kw.get("mostly", 1.0) or 1.0
-    summary = f"{uc:,} of {n:,} {meta.get('unit', 'rows')} ({pct:.2f}%) {_rule(etype, kw)}"
+    summary = f"{uc:,} of {n:,} {meta.get('unit', 'rows')} ({pct:.2f}%) {meta.get('rule') or _rule(etype, kw)}"
     if mostly < 1.0:
         summary += f"; tolerated {1 - mostly:.2%}"
     counts = res.get("partial_unexpected_counts") or []
     temporal = counts and isinstance(counts[0].get("value"), (pd.Timestamp, dt.datetime))
-    if counts and etype != "expect_compound_columns_to_be_unique" and not temporal:
+    indices = [int(i) for i in (res.get("partial_unexpected_index_list") or [])
+               if not isinstance(i, dict) and 0 <= int(i) < len(df)]
+    plain_column = column if column and "," not in column and column in df.columns else None
+    if plain_column and indices and etype != "expect_compound_columns_to_be_unique":
+        # the values as written (CSV text, cells that did not cast), counted over the same rows as GX's
+        seen: dict[str, int] = {}
+        for i in indices:
+            text = _cell(df, batch, i, plain_column)
+            seen[text] = seen.get(text, 0) + 1
+        if not temporal:
+            summary += "; values: " + ", ".join(f"{v} x{k}" for v, k in list(seen.items())[:5])
+    elif counts and etype != "expect_compound_columns_to_be_unique" and not temporal:
         summary += "; values: " + ", ".join(f"{_short(c.get('value'), 40)} x{c.get('count')}" for c in counts[:5])
+    if etype == "expect_column_values_to_be_of_type":
+        summary += _type_detail(column, batch, "string" if kw.get("type_") == "str" else kw.get("type_"))
     show = [c for c in (meta.get("show") or []) if c in df.columns]
-    if column and column in df.columns and column not in show and "," not in column:
+    if column and column in df.columns and column not in show and "," not in column and not (
+            show and column.startswith(DERIVED_PREFIX)):
         show.append(column)
     examples = []
-    for idx in (res.get("partial_unexpected_index_list") or [])[: options.max_examples]:
-        if isinstance(idx, dict) or not (0 <= int(idx) < len(df)):
-            continue
-        values = ", ".join(f"{c}={_short(df.iat[int(idx), df.columns.get_loc(c)])}" for c in show)
-        examples.append(f"{batch.where(int(idx))}: {values}")
+    for idx in indices[: options.max_examples]:
+        values = ", ".join(f"{c}={_cell(df, batch, idx, c)}" for c in show)
+        examples.append(f"{batch.where(idx)}: {values}")
     return CheckFailure(check, etype, column, summary, uc, round(pct, 4), examples)
+
 
 
 def _params_for_report(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if isinstance(v, (pd.Timestamp, dt.datetime)) else v) for k, v in params.items()}
 
 
-def _batch_from_frame(df: pd.DataFrame, name: str = "<dataframe>") -> RawBatch:
-    return RawBatch(df=df, files=[name], row_file=np.zeros(len(df), dtype=np.int32),
-                    row_in_file=np.arange(len(df), dtype=np.int64), file_kind={name: "frame"},
-                    file_rows={name: len(df)}, file_dtypes={name: {str(c): str(t) for c, t in df.dtypes.items()}})
+def _batch_from_frame(df: pd.DataFrame, dataset: str, name: str = "<dataframe>") -> RawBatch:
+    return read_frame(df, contract_for(dataset), name)
 
 
 def _outcome(result: Any, dataset: str, day: str, run_id: str, df: pd.DataFrame, batch: RawBatch,
@@ -415,33 +481,70 @@ def validate_frame(
 ) -> ValidationOutcome:
     """Run the suite of ``dataset`` on ``df`` in memory; returns the outcome, never raises on bad data.
 
-    Uses one cached ephemeral GX context per process (fast after the first call).  Nothing
-    is read or written.  ``catalog_product_ids=None`` leaves referential integrity unchecked.
+    ``df`` is cast to the contract cell by cell first (as a Parquet file would be), so a cell of
+    the wrong type is reported on its row.  Uses one cached ephemeral GX context per process
+    (fast after the first call).  Nothing is read or written.  ``catalog_product_ids=None``
+    leaves referential integrity unchecked.
     """
     options = options or ValidationOptions()
     contract_for(dataset)
     day = _date_str(day)
-    if not isinstance(df.index, pd.RangeIndex) or df.index.start != 0:
-        df = df.reset_index(drop=True)
-    batch = batch or _batch_from_frame(df)
-    derived = add_derived_columns(df, dataset, options, catalog_product_ids)
-    params = suite_parameters(dataset, day, options, previous_row_count)
-    gx, _ = gx_modules()
-    vd = _cached_definition(dataset, options)
-    with _LOCK:
-        result = vd.run(batch_parameters={"dataframe": derived}, expectation_parameters=params,
-                        result_format=RESULT_FORMAT,
-                        run_id=_run_id(run_id, dt.datetime.now(dt.timezone.utc)))
-    outcome = _outcome(result, dataset, day, run_id, derived, batch, params, options, previous_row_count)
+    try:
+        batch = batch or _batch_from_frame(df, dataset)
+        derived = add_derived_columns(batch.df, dataset, options, catalog_product_ids)
+        params = suite_parameters(dataset, day, options, previous_row_count)
+        vd = _cached_definition(dataset, options)
+        with _LOCK:
+            result = vd.run(batch_parameters={"dataframe": derived}, expectation_parameters=params,
+                            result_format=RESULT_FORMAT,
+                            run_id=_run_id(run_id, dt.datetime.now(dt.timezone.utc)))
+        outcome = _outcome(result, dataset, day, run_id, derived, batch, params, options, previous_row_count)
+    except ValidationError:
+        raise
+    except Exception as exc:  # a bug or an input nobody foresaw: a refusal in words, never a traceback
+        outcome = _error_outcome(exc, "validate", dict(dataset=dataset, day=day, run_id=run_id,
+                                                        options=options.public_dict()), batch)
     if catalog_product_ids is None and dataset in ("judgments", "feedback"):
         outcome.warnings.append("referential integrity not checked: no catalogue product ids given")
     return outcome
 
 
+def _error_outcome(exc: BaseException, stage: str, base: dict[str, Any], batch: RawBatch | None) -> ValidationOutcome:
+    """The outcome of a run that could not finish: refused (status ``error``), with the cause in words."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    log.debug("validation stage %r failed", stage, exc_info=exc)
+    failure = CheckFailure(
+        "validation_could_not_run", "-", None,
+        f"while {STAGES.get(stage, stage)}: {type(exc).__name__}: {first}. The batch is refused to be safe; "
+        "the full error is in the JSON report (internal_error); please report it with the batch")
+    outcome = ValidationOutcome(success=False, status="error", failures=[failure],
+                                files=list(batch.files) if batch else [],
+                                row_count=batch.n_rows if batch else 0, **base)
+    outcome.parameters["internal_error"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
+    return outcome
+
+
+STAGES = {"read": "reading the files", "prepare": "preparing the checks", "validate": "running the checks",
+          "drift": "computing drift", "promote": "writing validated/"}
+
+
 # ---- validate a partition in S3 ----------------------------------------------------------------
-def _read_raw(storage, dataset: str, day: str, options: ValidationOptions) -> RawBatch:
-    files = {key: storage.get_bytes(key) for key in storage.partition_files("raw", dataset, day)}
-    return read_files(files, contract_for(dataset), options.max_field_chars)
+def _read_raw(storage, dataset: str, day: str, options: ValidationOptions, listing=None) -> RawBatch:
+    listing = listing or storage.partition_listing("raw", dataset, day)
+    files = {key: storage.get_bytes(key) for key in listing.data}
+    batch = read_files(files, contract_for(dataset), options.max_field_chars)
+    batch.ignored = listing.ignored_lines() + batch.ignored
+    for key in listing.nested:
+        batch.files.append(key)
+        batch.issues.append(ReadIssue(key, "in a subfolder of the partition: only files directly under "
+                                           f"{listing.prefix} are read. Move it up if it is part of the day's data, "
+                                           "or into a folder whose name starts with '_' if it is not"))
+    return batch
+
+
+def stray_folders(storage, zone: str, dataset: str) -> list[str]:
+    """``"key: problem"`` for every folder under ``<zone>/<dataset>/`` that is not a partition."""
+    return [f"{key}: {problem}" for key, problem in storage.scan_partitions(zone, dataset).malformed]
 
 
 def previous_row_count(storage, dataset: str, day: str) -> tuple[str | None, int | None]:
@@ -475,22 +578,41 @@ def catalog_product_ids(storage, day: str) -> tuple[str | None, pd.Index | None]
 
 
 def _write_quarantine(storage, outcome: ValidationOutcome, gx_result: dict[str, Any] | None) -> None:
-    prefix = quarantine_prefix(outcome.dataset, outcome.day, outcome.run_id)
-    outcome.quarantine_prefix = prefix
-    outcome.report_key = prefix + REPORT_JSON
-    storage.delete_prefix(prefix)  # idempotent re-run of the same run id
-    validated = partition_prefix("validated", outcome.dataset, outcome.day)
-    if storage.exists(validated + "_SUCCESS"):
-        outcome.warnings.append(f"{storage.uri(validated)} from an earlier successful run is left in place; "
-                                "delete it if downstream must not use it")
-    copied = storage.copy_prefix(outcome.raw_prefix, prefix)
-    report = outcome.to_dict()
-    report["copied_files"] = copied
-    report["message"] = outcome.message()
-    report["gx_validation_result"] = gx_result
-    storage.put_bytes(prefix + REPORT_JSON, json.dumps(report, indent=2, default=str).encode(), "application/json")
-    storage.put_bytes(prefix + REPORT_MD, outcome.to_markdown().encode(), "text/markdown; charset=utf-8")
+    """Copy the raw partition byte for byte + the JSON and Markdown reports to quarantine/.
+
+    The run id becomes one safe path segment (:func:`safe_run_id`).  When S3 refuses a write,
+    the refusal still goes out (with the data problem) and says the copy could not be made."""
+    prefix = quarantine_prefix(outcome.dataset, outcome.day, safe_run_id(outcome.run_id))
+    try:
+        storage.delete_prefix(prefix)  # idempotent re-run of the same run id
+        validated = partition_prefix("validated", outcome.dataset, outcome.day)
+        if storage.exists(validated + "_SUCCESS"):
+            outcome.warnings.append(f"{storage.uri(validated)} from an earlier successful run is left in place; "
+                                    "delete it if downstream must not use it")
+        outcome.quarantine_prefix = prefix
+        outcome.report_key = prefix + REPORT_JSON
+        copied = storage.copy_prefix(outcome.raw_prefix, prefix)
+        report = outcome.to_dict()
+        report["copied_files"] = copied
+        report["message"] = outcome.message()
+        report["gx_validation_result"] = gx_result
+        storage.put_bytes(prefix + REPORT_JSON, json.dumps(report, indent=2, default=str).encode(), "application/json")
+        storage.put_bytes(prefix + REPORT_MD, outcome.to_markdown().encode(), "text/markdown; charset=utf-8")
+    except StorageError as exc:
+        outcome.quarantine_prefix = outcome.report_key = None
+        outcome.warnings.append(f"quarantine copy could not be written to {storage.uri(prefix)}: {exc}; "
+                                f"{storage.uri(outcome.raw_prefix)} is left untouched")
+        log.error("quarantine of %s failed: %s", outcome.raw_prefix, exc)
+        return
     log.warning("quarantined %d file(s) of %s to %s", len(copied), outcome.raw_prefix, storage.uri(prefix))
+
+
+def _refuse(storage, outcome: ValidationOutcome, gx_result: dict[str, Any] | None = None,
+            error: type[ValidationFailed] = ValidationFailed, **extra: Any) -> None:
+    """The one refusal path: quarantine byte for byte with both reports, then raise."""
+    outcome.success = False
+    _write_quarantine(storage, outcome, gx_result)
+    raise error(outcome.message(), outcome, **extra)
 
 
 def _promote(storage, outcome: ValidationOutcome, df: pd.DataFrame, gx_result: dict[str, Any] | None) -> None:
@@ -505,6 +627,16 @@ def _promote(storage, outcome: ValidationOutcome, df: pd.DataFrame, gx_result: d
     storage.put_bytes(prefix + VALIDATED_SUMMARY, json.dumps(summary, indent=2, default=str).encode(), "application/json")
 
 
+def _not_found_hint(raw: str, day: str, listing, strays: list[str]) -> str:
+    lines = []
+    if listing.ignored:
+        lines.append(f"keys there that are not data (ignored by rule): {', '.join(k for k, _ in listing.ignored[:10])}")
+    same_day = [s for s in strays if day in s or day.replace("-", "") in s]
+    if same_day:
+        lines.append("folders that look meant for this day but are not partitions: " + "; ".join(same_day[:5]))
+    return "".join(f"\n  - {line}" for line in lines)
+
+
 def validate_partition(
     storage,
     dataset: str,
@@ -516,13 +648,21 @@ def validate_partition(
 ) -> ValidationOutcome:
     """Validate ``raw/<dataset>/dt=<day>/`` and promote it or quarantine it.
 
+    - not complete (data files but no ``_SUCCESS`` marker yet): :class:`IncompletePartition`,
+      nothing read, quarantined or promoted (the daily run skips the day; run it again once
+      the marker exists);
     - passes: the batch (contract columns, contract dtypes, Parquet) is written to
       ``validated/<dataset>/dt=<day>/`` with ``_SUCCESS`` and ``_validation.json``;
     - fails: raw files + ``_validation_report.json`` + ``_validation_report.md`` are copied to
-      ``quarantine/<dataset>/dt=<day>/<run_id>/`` and :class:`ValidationFailed` is raised
+      ``quarantine/<dataset>/dt=<day>/<safe run_id>/`` and :class:`ValidationFailed` is raised
       (:class:`MalformedPartition` when files cannot be read, :class:`DriftDetected` for
-      blocking drift); raw is never modified;
-    - no files / zero rows: :class:`EmptyPartition`.
+      blocking drift; status ``error`` when checking itself failed); raw is never modified;
+    - no data files / zero rows: :class:`EmptyPartition`.
+
+    Keys that are not data (``_SUCCESS``, ``_temporary/``, ``.crc``, folder markers, ...) are
+    skipped by rule and listed in the report (``ignored_keys``); folders next to the partition
+    that are not ``dt=YYYY-MM-DD`` are listed too (``stray_folders``).  Only
+    :class:`ValidationError` (and :class:`StorageError` when S3 itself fails) leave this function.
 
     Data Docs are rebuilt and uploaded under ``reports/data-docs/`` (``outcome.docs_index_key``),
     drift of feedback/catalog vs the previous validated day goes to ``reports/drift/``.
@@ -550,27 +690,61 @@ def validate_partition(
 
     base = dict(dataset=dataset, day=day, run_id=run_id, raw_prefix=raw, bucket=storage.bucket,
                 options=options.public_dict())
+    # 0. list: which keys are data, is the partition complete ------------------------------------
+    listing = storage.partition_listing("raw", dataset, day)
+    strays = stray_folders(storage, "raw", dataset)
+    for line in strays:
+        log.warning("not a partition, ignored: %s", line)
+    if not listing.data and not listing.nested:
+        raise EmptyPartition(f"{dataset} dt={day}: {storage.uri(raw)} has no data files; nothing to validate "
+                             f"(the daily run skips this day){_not_found_hint(raw, day, listing, strays)}")
+    if not listing.complete:
+        n = len(listing.data) + len(listing.nested)
+        raise IncompletePartition(
+            f"{dataset} dt={day}: {storage.uri(raw)} is not complete yet: {n} data file(s) but no _SUCCESS "
+            "marker (an upload still in progress?). Not validated: nothing is quarantined or promoted, and the "
+            f"daily run skips this day. When the upload is complete, write the empty marker "
+            f"{storage.uri(raw + '_SUCCESS')} and run validation for this day again.")
+    state: dict[str, Any] = {"stage": "read", "batch": None}
+    try:
+        return _validate_listed(storage, dataset, day, run_id, options, catalog_ids, listing, strays, base,
+                                lap, finish, state)
+    except (ValidationError, StorageError):
+        raise
+    except Exception as exc:  # a bug or an input nobody foresaw: refuse through the one path, no traceback
+        outcome = finish(_error_outcome(exc, state["stage"], base, state["batch"]))
+        outcome.stray_folders = strays
+        outcome.ignored_keys = listing.ignored_lines()
+        _refuse(storage, outcome)
+        raise  # pragma: no cover  (_refuse raises)
+
+
+def _validate_listed(storage, dataset: str, day: str, run_id: str, options: ValidationOptions, catalog_ids,
+                     listing, strays: list[str], base: dict[str, Any], lap, finish, state: dict[str, Any]):
+    raw = base["raw_prefix"]
     # 1. read ------------------------------------------------------------------------------
-    batch = _read_raw(storage, dataset, day, options)
+    batch = state["batch"] = _read_raw(storage, dataset, day, options, listing)
     lap("read")
+    where = dict(ignored_keys=list(batch.ignored), stray_folders=list(strays))
     if not batch.files:
         raise EmptyPartition(f"{dataset} dt={day}: {storage.uri(raw)} has no data files; nothing to validate "
-                             "(the daily run skips this day)")
+                             f"(the daily run skips this day){_not_found_hint(raw, day, listing, strays)}")
     if batch.malformed:
         outcome = finish(ValidationOutcome(success=False, status="malformed", files=batch.files,
                                            read_issues=[str(i) for i in batch.malformed],
-                                           warnings=[str(i) for i in batch.issues if i.empty] + batch.notes, **base))
-        _write_quarantine(storage, outcome, None)
-        raise MalformedPartition(outcome.message(), outcome)
+                                           warnings=[str(i) for i in batch.issues if i.empty] + batch.notes,
+                                           **where, **base))
+        _refuse(storage, outcome, error=MalformedPartition)
     if batch.n_rows == 0:
         outcome = finish(ValidationOutcome(success=False, status="empty", files=batch.files,
-                                           read_issues=[str(i) for i in batch.issues], **base))
+                                           read_issues=[str(i) for i in batch.issues], **where, **base))
         _write_quarantine(storage, outcome, None)
         raise EmptyPartition(outcome.message(), outcome)
     empties = [str(i) for i in batch.issues if i.empty]
     log.info("read %s: %d rows from %d file(s)", storage.uri(raw), batch.n_rows, len(batch.files))
 
     # 2. run-time inputs ------------------------------------------------------------------------
+    state["stage"] = "prepare"
     prev_day, prev_rows = previous_row_count(storage, dataset, day)
     params = suite_parameters(dataset, day, options, prev_rows)
     warnings = list(empties)
@@ -596,6 +770,7 @@ def validate_partition(
     gx_params = {k: v for k, v in params.items() if k not in ("catalog_partition", "previous_partition", "previous_row_count")}
 
     # 3. validate (+ Data Docs) ---------------------------------------------------------------------
+    state["stage"] = "validate"
     docs: dict[str, str | None] = {}
     if options.build_docs:
         try:
@@ -613,29 +788,39 @@ def validate_partition(
     outcome.parameters.update({k: v for k, v in params.items() if k not in gx_params})
     outcome.raw_prefix, outcome.bucket = raw, storage.bucket
     outcome.warnings = warnings + outcome.warnings
+    outcome.ignored_keys, outcome.stray_folders = where["ignored_keys"], where["stray_folders"]
     outcome.docs_index_key, outcome.docs_page_key = docs.get("index"), docs.get("page")
     gx_result = result.to_json_dict()
     for w in outcome.warnings:
         log.warning("%s dt=%s: %s", dataset, day, w)
     if not outcome.success:
         finish(outcome)
-        _write_quarantine(storage, outcome, gx_result)
-        raise ValidationFailed(outcome.message(), outcome)
+        _refuse(storage, outcome, gx_result)
 
     # 4. drift ------------------------------------------------------------------------------
+    state["stage"] = "drift"
     report: DriftReport | None = None
     if dataset in DRIFT_DATASETS and options.drift.mode != "off":
-        report = _drift(storage, dataset, day, run_id, batch.df, options)
+        try:
+            report = _drift(storage, dataset, day, run_id, batch.df, options)
+        except StorageError:
+            raise
+        except Exception as exc:
+            if options.drift.mode == "block":
+                raise
+            outcome.warnings.append(f"drift not computed: {type(exc).__name__}: {exc}")
+            log.warning("%s dt=%s: drift not computed (%s: %s)", dataset, day, type(exc).__name__, exc)
         lap("drift")
-        outcome.drift = report.to_dict() | {"summary": report.summary()}
-        outcome.drift_report_key = report.key
-        if report.blocking:
-            outcome.success, outcome.status = False, "drift"
-            finish(outcome)
-            _write_quarantine(storage, outcome, gx_result)
-            raise DriftDetected(outcome.message(), outcome, report)
+        if report is not None:
+            outcome.drift = report.to_dict() | {"summary": report.summary()}
+            outcome.drift_report_key = report.key
+            if report.blocking:
+                outcome.status = "drift"
+                finish(outcome)
+                _refuse(storage, outcome, gx_result, error=DriftDetected, report=report)
 
     # 5. promote ----------------------------------------------------------------------------
+    state["stage"] = "promote"
     lap("report")
     _promote(storage, outcome, batch.df, gx_result)
     lap("promote")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
 from shoprank.data.contracts import CONTRACTS, EVENT_TYPES, GRADE_MAX, GRADE_MIN, JUDGMENT_SOURCES, Contract
@@ -32,6 +33,20 @@ BOT_SESSION = "derived_bot_session_id"
 SESSION_CLICKS = "derived_session_clicks"
 SESSION_IMPRESSIONS = "derived_session_impressions"
 FIRST_EVENT_OF_SESSION = "derived_first_event_of_session"  # one row per session, to count sessions
+LOOKALIKE_KEY = "derived_lookalike_key"  # the key, when another row's key differs only by look-alike characters
+BLANK_TITLE = "derived_blank_title"
+BLANK_QUERY = "derived_blank_query"
+BAD_CATEGORY_PATH = "derived_bad_category_path"
+ATTRIBUTES_NOT_OBJECT = "derived_attributes_not_object"
+UNKNOWN_ARM = "derived_unknown_arm"
+
+#: The A/B arms the ranking API writes into feedback's optional ``arm`` column.
+FEEDBACK_ARMS = ("champion", "challenger")
+#: Prices above this are refused (no shop lists an item at a trillion currency units; ``1e308``
+#: is a broken export, and float64 cannot hold cents exactly much beyond it).
+PRICE_MAX = 1e12
+CATEGORY_SEPARATOR = " > "
+_OTHER_SEPARATORS = (" / ", " | ", "|", "»", " :: ", " \\ ", " -> ")
 
 # pandas dtype of a contract column -> the `type_` GX's ExpectColumnValuesToBeOfType checks
 # (it compares ``dtype.type``: pandas' string dtypes have type ``str``, tz-aware datetimes
@@ -48,10 +63,18 @@ def _gx():
     return gx_modules()
 
 
-def _exp(cls_name: str, check: str, notes: str, show: Iterable[str] = (), unit: str = "rows", **kwargs: Any):
+def _exp(cls_name: str, check: str, notes: str, show: Iterable[str] = (), unit: str = "rows", rule: str | None = None,
+         about: str | None = None, **kwargs: Any):
+    """One expectation.  For checks on a derived column: ``rule`` says in words what a failing
+    row is, ``about`` names the data column(s) it is about (used in messages)."""
     _, gxe = _gx()
     cls = getattr(gxe, cls_name)
-    return cls(meta={"check": check, "show": list(show), "unit": unit}, notes=notes, **kwargs)
+    meta = {"check": check, "show": list(show), "unit": unit}
+    if rule:
+        meta["rule"] = rule
+    if about:
+        meta["column"] = about
+    return cls(meta=meta, notes=notes, **kwargs)
 
 
 def _row_condition(flag_column: str):
@@ -107,6 +130,27 @@ def _row_count_expectation(dataset: str, options: ValidationOptions):
     )
 
 
+def _lookalike_expectation(contract: Contract):
+    key = list(contract.key)
+    what = " and ".join(key)
+    return _exp(
+        "ExpectColumnValuesToBeNull", f"{'_'.join(key)}_no_lookalikes",
+        f"No two rows have {what} values that differ only by look-alike Unicode characters (equal after NFKC "
+        f"normalisation, invisible characters removed, e.g. 'p001' and the full-width '\uff50001'); "
+        f"{LOOKALIKE_KEY} holds such keys.",
+        show=key, column=LOOKALIKE_KEY, rule="with a key that differs from another row's only by look-alike characters",
+        about=",".join(key),
+    )
+
+
+def _blank_expectation(column: str, derived: str, show: list[str]):
+    return _exp(
+        "ExpectColumnValuesToBeNull", f"{column}_not_blank",
+        f"{column} holds visible text: not empty, not only spaces or invisible characters ({derived} holds "
+        "such values).", show=show, column=derived, rule=f"with a blank {column}", about=column,
+    )
+
+
 def _catalog_reference_expectation(options: ValidationOptions):
     return _exp(
         "ExpectColumnValuesToBeNull", "product_id_in_catalog",
@@ -122,14 +166,26 @@ def catalog_suite_expectations(options: ValidationOptions) -> list:
         *schema_expectations(c),
         _exp("ExpectColumnValuesToBeUnique", "product_id_unique", "One row per product.",
              show=["product_id", "title"], column="product_id"),
+        _lookalike_expectation(c),
         _exp("ExpectColumnValuesToBeBetween", "price_non_negative", "Prices are >= 0.",
              show=["product_id", "price"], column="price", min_value=0),
-        _exp("ExpectColumnValueLengthsToBeBetween", "title_not_empty", "Titles are not empty strings.",
-             show=["product_id", "title"], column="title", min_value=1),
-        _exp("ExpectColumnValueLengthsToBeBetween", "category_not_empty", "Categories are not empty strings.",
-             show=["product_id", "category"], column="category", min_value=1),
+        _exp("ExpectColumnValuesToBeBetween", "price_in_range",
+             f"Prices are at most {PRICE_MAX:.0e} (a larger price is a broken export; non-finite prices "
+             "fail price_type).", show=["product_id", "price"], column="price", max_value=PRICE_MAX),
+        _blank_expectation("title", BLANK_TITLE, ["product_id", "title"]),
+        _exp("ExpectColumnValuesToBeNull", "category_is_a_path",
+             f"category is a path of non-empty levels joined by {CATEGORY_SEPARATOR!r}, e.g. 'Home > Kitchen > "
+             f"Kettles' (a single level such as 'unknown' is fine); {BAD_CATEGORY_PATH} holds other values.",
+             show=["product_id", "category"], column=BAD_CATEGORY_PATH,
+             rule=f"whose category is not a path of non-empty levels joined by {CATEGORY_SEPARATOR!r}",
+             about="category"),
         _exp("ExpectColumnValuesToBeJsonParseable", "attributes_valid_json",
-             "attributes holds a JSON object (or null).", show=["product_id", "attributes"], column="attributes"),
+             "attributes holds valid JSON (or null).", show=["product_id", "attributes"], column="attributes"),
+        _exp("ExpectColumnValuesToBeNull", "attributes_json_object",
+             "attributes holds a JSON object of name -> value (not a list, a number, a string or null); "
+             f"{ATTRIBUTES_NOT_OBJECT} holds other JSON values.",
+             show=["product_id", "attributes"], column=ATTRIBUTES_NOT_OBJECT,
+             rule="whose attributes are JSON but not an object", about="attributes"),
         _exp("ExpectColumnValuesToBeBetween", "created_at_not_in_future",
              "created_at is not after the partition's day, nor after now (+ clock skew).",
              show=["product_id", "created_at"], column="created_at",
@@ -149,8 +205,8 @@ def judgments_suite_expectations(options: ValidationOptions) -> list:
              show=["query", "product_id", "source"], column="source", value_set=list(JUDGMENT_SOURCES)),
         _exp("ExpectCompoundColumnsToBeUnique", "query_product_unique", "One judgment per (query, product).",
              show=["query", "product_id", "grade"], column_list=["query", "product_id"]),
-        _exp("ExpectColumnValueLengthsToBeBetween", "query_not_empty", "Queries are not empty strings.",
-             show=["query", "product_id"], column="query", min_value=1),
+        _lookalike_expectation(c),
+        _blank_expectation("query", BLANK_QUERY, ["query", "product_id"]),
         _catalog_reference_expectation(options),
         _row_count_expectation("judgments", options),
     ]
@@ -168,8 +224,13 @@ def feedback_suite_expectations(options: ValidationOptions) -> list:
              "The same event (session, request, product, type, timestamp) logged twice under different ids: "
              f"at most {options.duplicate_event_tolerance:.2%} of rows.",
              show=["event_id", *FEEDBACK_DUPLICATE_KEY], column_list=FEEDBACK_DUPLICATE_KEY, mostly=dup_mostly),
+        _lookalike_expectation(c),
         _exp("ExpectColumnValuesToBeInSet", "event_type_in_allowed_set", f"event_type is one of {list(EVENT_TYPES)}.",
              show=["event_id", "event_type"], column="event_type", value_set=list(EVENT_TYPES)),
+        _exp("ExpectColumnValuesToBeNull", "arm_in_allowed_set",
+             f"The optional arm column is one of {list(FEEDBACK_ARMS)} (or null); {UNKNOWN_ARM} holds other values.",
+             show=["event_id", "arm"], column=UNKNOWN_ARM, rule=f"with an arm not in {list(FEEDBACK_ARMS)}",
+             about="arm"),
         _exp("ExpectColumnValuesToBeBetween", "position_in_range",
              f"position is the 1-based rank shown (1..{options.max_position}).",
              show=["event_id", "request_id", "position"], column="position", min_value=1, max_value=options.max_position),
@@ -179,8 +240,7 @@ def feedback_suite_expectations(options: ValidationOptions) -> list:
              min_value={"$PARAMETER": "day_start"}, max_value={"$PARAMETER": "day_end"}, strict_max=True),
         _exp("ExpectColumnValuesToBeBetween", "ts_not_in_future", "Event times are not in the future (+ clock skew).",
              show=["event_id", "ts"], column="ts", max_value={"$PARAMETER": "now"}),
-        _exp("ExpectColumnValueLengthsToBeBetween", "query_not_empty", "Queries are not empty strings.",
-             show=["event_id", "query"], column="query", min_value=1),
+        _blank_expectation("query", BLANK_QUERY, ["event_id", "query"]),
         _catalog_reference_expectation(options),
         _exp("ExpectColumnValuesToBeNull", "no_bot_sessions",
              f"Bot signal: sessions with more clicks than impressions, or >= {options.bot_min_impressions} impressions "
@@ -198,8 +258,8 @@ def queries_suite_expectations(options: ValidationOptions) -> list:
         *schema_expectations(c),
         _exp("ExpectColumnValuesToBeUnique", "query_unique", "One row per query.", show=["query", "frequency"],
              column="query"),
-        _exp("ExpectColumnValueLengthsToBeBetween", "query_not_empty", "Queries are not empty strings.",
-             show=["query"], column="query", min_value=1),
+        _lookalike_expectation(c),
+        _blank_expectation("query", BLANK_QUERY, ["query"]),
         _exp("ExpectColumnValuesToBeBetween", "frequency_non_negative", "frequency (searches per day) is >= 0.",
              show=["query", "frequency"], column="frequency", min_value=0),
         _row_count_expectation("queries", options),
@@ -285,6 +345,16 @@ def add_derived_columns(
     options = options or ValidationOptions()
     out = df.copy(deep=False)
     n = len(out)
+    out[LOOKALIKE_KEY] = lookalike_keys(out, list(CONTRACTS[dataset].key)) if dataset in CONTRACTS else (
+        pd.Series(None, index=out.index, dtype=object))
+    if dataset == "catalog":
+        out[BLANK_TITLE] = _flag_values(out, "title", _is_blank)
+        out[BAD_CATEGORY_PATH] = _flag_values(out, "category", _bad_category_path)
+        out[ATTRIBUTES_NOT_OBJECT] = _flag_values(out, "attributes", _json_but_not_object)
+    if dataset in ("judgments", "feedback", "queries"):
+        out[BLANK_QUERY] = _flag_values(out, "query", _is_blank)
+    if dataset == "feedback":
+        out[UNKNOWN_ARM] = _flag_values(out, "arm", lambda v: v not in FEEDBACK_ARMS, any_type=True)
     if dataset in ("judgments", "feedback"):
         unknown = pd.Series(None, index=out.index, dtype=object)
         if catalog_product_ids is not None and "product_id" in out.columns:
@@ -317,6 +387,109 @@ def add_derived_columns(
         out[SESSION_IMPRESSIONS] = impressions
         out[BOT_SESSION] = bot
         out[FIRST_EVENT_OF_SESSION] = first.astype(bool)
+    return out
+
+
+def _visible(text: str) -> str:
+    """``text`` without whitespace and invisible (format) characters such as zero-width spaces."""
+    import unicodedata
+
+    return "".join(ch for ch in text if not ch.isspace() and unicodedata.category(ch) != "Cf")
+
+
+def _is_blank(value: str) -> bool:
+    return _visible(value) == ""
+
+
+def _bad_category_path(value: str) -> bool:
+    levels = value.strip().split(CATEGORY_SEPARATOR)
+    if any(_is_blank(level) or ">" in level for level in levels):
+        return True
+    return len(levels) == 1 and any(sep in value for sep in _OTHER_SEPARATORS)
+
+
+def _json_but_not_object(value: str) -> bool:
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):
+        return False  # not JSON at all: attributes_valid_json reports it
+    return not isinstance(parsed, dict)
+
+
+def _flag_values(df: pd.DataFrame, column: str, is_bad, any_type: bool = False) -> pd.Series:
+    """``column``'s value where ``is_bad(value)`` (evaluated once per distinct text), else null.
+
+    Only text is judged (a cell of the wrong type fails its ``<column>_type`` check); with
+    ``any_type`` other values are judged by their text."""
+    out = pd.Series(None, index=df.index, dtype=object)
+    if column not in df.columns or not len(df):
+        return out
+    from shoprank.validation.reading import as_text
+
+    values = df[column].astype(object)
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    flags = []
+    for u in uniques:
+        if isinstance(u, str):
+            flags.append(bool(is_bad(u)))
+        elif any_type:
+            flags.append(bool(is_bad(as_text(u))))
+        else:
+            flags.append(False)
+    flags_arr = np.array(flags + [False], dtype=bool)
+    row_flags = flags_arr[codes]  # code -1 (null) hits the trailing False
+    if row_flags.any():
+        out[row_flags] = [as_text(v) for v in values[row_flags]]
+    return out
+
+
+def _nfkc_visible(text: str) -> str:
+    import unicodedata
+
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", "".join(ch for ch in text if unicodedata.category(ch) != "Cf"))
+
+
+def lookalike_keys(df: pd.DataFrame, key: list[str]) -> pd.Series:
+    """Per row: its key (text; compound keys joined by ' | ') when another row's key is different
+    but equal after NFKC normalisation with invisible characters removed; else null.
+
+    ASCII text is already in that form, so only keys with a non-ASCII character are normalised
+    (a batch of ASCII ids costs one vectorised pass)."""
+    out = pd.Series(None, index=df.index, dtype=object)
+    if not key or any(c not in df.columns for c in key) or not len(df):
+        return out
+    sep = "\x1f"
+    joined = None
+    valid = pd.Series(True, index=df.index)
+    for c in key:
+        col = df[c]
+        if col.dtype == object:  # cells that did not cast (bytes) take no part
+            is_text = col.map(lambda v: isinstance(v, str)).astype(bool)
+            valid &= is_text
+            col = col.where(is_text, None)
+        text = col.astype("string")
+        valid &= text.notna()
+        joined = text if joined is None else joined + sep + text
+    joined = joined.where(valid)
+    non_ascii = (~joined.str.isascii()).fillna(False).astype(bool)
+    if not non_ascii.any():
+        return out
+    odd = pd.unique(joined[non_ascii].to_numpy(dtype=object))
+    norms = {u: _nfkc_visible(u) for u in odd}
+    groups: dict[str, set[str]] = {}
+    for u, nrm in norms.items():
+        groups.setdefault(nrm, set()).add(u)
+    plain = joined[~non_ascii & valid]
+    for u in pd.unique(plain[plain.isin(list(groups))].to_numpy(dtype=object)):
+        groups[u].add(u)
+    flagged = [u for members in groups.values() if len(members) > 1 for u in members]
+    if flagged:
+        rows = joined.isin(flagged).fillna(False).astype(bool)
+        out[rows] = [v.replace(sep, " | ") for v in joined[rows]]
     return out
 
 
