@@ -22,6 +22,12 @@ class ConstModel(mlflow.pyfunc.PythonModel):
         return [0.0] * len(model_input)
 
 
+def raw_state(storage, prefix: str) -> dict[str, tuple[bytes, str]]:
+    """Every object under ``prefix`` with its bytes and ETag: 'raw stays untouched' compares two of these."""
+    return {k: (storage.get_bytes(k), storage._s3.head_object(Bucket=storage.bucket, Key=k)["ETag"])
+            for k in storage.list_keys(prefix)}
+
+
 _LOGGED: dict[str, tuple[str, str]] = {}
 
 

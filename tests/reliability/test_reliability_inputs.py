@@ -28,6 +28,8 @@ from shoprank.validation import (
     validate_partition,
 )
 
+from .conftest import raw_state
+
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
 DAY = "2026-11-20"
@@ -53,11 +55,6 @@ def parquet(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     return buf.getvalue()
-
-
-def raw_state(storage, prefix: str) -> dict[str, tuple[bytes, str]]:
-    return {k: (storage.get_bytes(k), storage._s3.head_object(Bucket=storage.bucket, Key=k)["ETag"])
-            for k in storage.list_keys(prefix)}
 
 
 def put(storage, dataset: str, day: str, files: dict[str, bytes], complete: bool = True) -> dict[str, tuple[bytes, str]]:

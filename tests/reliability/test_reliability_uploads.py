@@ -32,6 +32,8 @@ from shoprank.validation import (
 )
 from shoprank.validation.runner import safe_run_id
 
+from .conftest import raw_state
+
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
 DAY = "2026-11-20"
@@ -70,11 +72,6 @@ def csv_with(df: pd.DataFrame, cells: dict[tuple[int, str], str]) -> bytes:
         parts[cols.index(col)] = text
         lines[row + 1] = ",".join(parts)
     return ("\n".join(lines) + "\n").encode()
-
-
-def raw_state(storage, prefix: str) -> dict[str, tuple[bytes, str]]:
-    return {k: (storage.get_bytes(k), storage._s3.head_object(Bucket=storage.bucket, Key=k)["ETag"])
-            for k in storage.list_keys(prefix)}
 
 
 def put(storage, dataset: str, files: dict[str, bytes], day: str = DAY, complete: bool = True) -> dict:

@@ -49,14 +49,19 @@ def test_same_seed_same_frames_and_different_seed_differs():
     assert not a.judgments.equals(c.judgments)
 
 
-def test_frames_conform_to_contracts(mp):
-    for df, contract in ((mp.catalog, CATALOG), (mp.judgments, JUDGMENTS), (mp.queries, QUERIES)):
+def assert_conforms(market) -> None:
+    """Every frame has its contract's columns, dtypes, non-null columns and unique key."""
+    for df, contract in ((market.catalog, CATALOG), (market.judgments, JUDGMENTS), (market.queries, QUERIES)):
         assert list(df.columns) == contract.names
         assert _dtypes(df) == contract.dtypes
         for col in contract.columns:
             if not col.nullable:
                 assert df[col.name].notna().all(), col.name
         assert not df.duplicated(list(contract.key)).any(), contract.dataset
+
+
+def test_frames_conform_to_contracts(mp):
+    assert_conforms(mp)
 
 
 def test_catalog_content(mp):
@@ -269,13 +274,7 @@ def test_realistic_is_deterministic_and_differs_from_default():
 
 
 def test_realistic_frames_conform_and_grades_follow_hidden_relevance(real):
-    for df, contract in ((real.catalog, CATALOG), (real.judgments, JUDGMENTS), (real.queries, QUERIES)):
-        assert list(df.columns) == contract.names
-        assert _dtypes(df) == contract.dtypes
-        for col in contract.columns:
-            if not col.nullable:
-                assert df[col.name].notna().all(), col.name
-        assert not df.duplicated(list(contract.key)).any(), contract.dataset
+    assert_conforms(real)
     assert set(real.judgments["product_id"]) <= set(real.catalog_for_day(START)["product_id"])
     for q, g in real.judgments.groupby("query"):
         np.testing.assert_array_equal(relevance_to_grade(real.true_relevance(q, g)), g["grade"].to_numpy())
