@@ -69,16 +69,17 @@ class Bm25Stats:
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], k1: float = K1, b: float = B) -> "Bm25Stats":
-        df: Counter[str] = Counter()
-        n, total = 0, 0
-        for text in texts:
-            tokens = tokenize(text)
-            n += 1
-            total += len(tokens)
-            df.update(set(tokens))
-        if n == 0:
+        return cls.from_tokens([tokenize(t) for t in texts], k1=k1, b=b)
+
+    @classmethod
+    def from_tokens(cls, docs: Sequence[Sequence[str]], k1: float = K1, b: float = B) -> "Bm25Stats":
+        """Statistics of already tokenised catalogue products (one token list per product)."""
+        if not docs:
             raise ValueError("BM25 statistics need at least one catalogue product")
-        return cls(n_docs=n, avgdl=total / n, df=dict(df), k1=k1, b=b)
+        df: Counter[str] = Counter()
+        for tokens in docs:
+            df.update(set(tokens))
+        return cls(n_docs=len(docs), avgdl=sum(map(len, docs)) / len(docs), df=dict(df), k1=k1, b=b)
 
     def idf(self, term: str) -> float:
         d = self.df.get(term, 0)
@@ -152,8 +153,7 @@ class CatalogueIndex:
 
         self.product_ids = np.asarray([str(p) for p in product_ids], dtype=object)
         tokens = [tokenize(t) for t in texts]
-        self.stats = Bm25Stats(n_docs=len(tokens), avgdl=sum(map(len, tokens)) / max(len(tokens), 1),
-                               df=dict(Counter(t for doc in tokens for t in set(doc))), k1=k1, b=b)
+        self.stats = Bm25Stats.from_tokens(tokens, k1=k1, b=b)
         self._retriever = bm25s.BM25(method="lucene", idf_method="lucene", k1=k1, b=b)
         # bm25s wants (ids, vocab) or token lists; an empty document still needs a slot
         self._retriever.index([doc or [""] for doc in tokens], show_progress=False)
