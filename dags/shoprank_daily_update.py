@@ -2,11 +2,13 @@
 
 One run per logical date D, processing the feedback of day D (it starts once D is over;
 catchup: missed days run in order, one at a time):
-validate_catalog (of day D, if delivered) -> validate_feedback -> prepare (labels, replay mix, warm/full decision) -> train (warm start
+wait_for_feedback (an upload in progress waits for its _SUCCESS marker) -> validate_catalog
+(of day D, if delivered) -> validate_feedback (D's late events merged first) -> prepare (labels, replay mix, warm/full decision) -> train (warm start
 from @champion) -> evaluate (golden test set + recent-feedback holdout) -> register ->
 gate -> auto-promote (if SHOPRANK_AUTO_PROMOTE and significant) or approve (HITL) -> promote.
 
-An empty feedback partition skips the day (not a failure); a bad one is quarantined and the
+An empty feedback partition skips the day (not a failure); an incomplete one (parts, no
+`_SUCCESS`) waits up to SHOPRANK_DAILY_WAIT_HOURS after D ended, then skips; a bad one is quarantined and the
 run fails with the report, leaving the champion untouched. Re-running a date reuses that
 date's training and model version (see shoprank.daily). Backfill a range with
 `airflow backfill create --dag-id shoprank_daily_update --from-date ... --to-date ...`.
@@ -18,10 +20,13 @@ import os
 from dataclasses import replace
 
 import pendulum
-from airflow.sdk import dag, get_current_context, task
+from airflow.sdk import PokeReturnValue, dag, get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from shoprank.airflow_support import lineage_from_context, promotion_tasks, task_settings, task_storage
+from shoprank.daily import UpdatePolicy
+
+WAIT = UpdatePolicy.from_env().feedback_wait()
 
 START = pendulum.parse(os.environ.get("SHOPRANK_DAILY_START_DATE", "2026-11-01"), tz="UTC")
 CATCHUP = os.environ.get("SHOPRANK_DAILY_CATCHUP", "true").lower() in ("1", "true", "yes")
@@ -62,16 +67,34 @@ def shoprank_daily_update():
         print(outcome.summary())
         return outcome_dict(outcome, "catalog", day)
 
+    @task.sensor(poke_interval=WAIT.poke_seconds, timeout=WAIT.timeout_seconds, mode="reschedule")
+    def wait_for_feedback() -> PokeReturnValue:
+        """An upload still in progress (parts, no _SUCCESS) waits; after SHOPRANK_DAILY_WAIT_HOURS the day is skipped."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from shoprank.daily import feedback_readiness
+
+        ready = feedback_readiness(task_storage(), _day())
+        print(ready.message)
+        if ready.state == "give_up":
+            raise AirflowSkipException(ready.message)
+        return PokeReturnValue(is_done=ready.done)
+
     @task
     def validate_feedback() -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from shoprank.daily import merge_late_feedback, pending_late_days
         from shoprank.validation import EmptyPartition, validate_partition
         from shoprank.workflow import outcome_dict
 
-        day = _day()
+        day, storage = _day(), task_storage()
+        merge_late_feedback(storage, day)  # a re-run of D validates D's late events with the rest
+        for late in pending_late_days(storage, before=day):
+            print(f"late events of {late} wait in raw/feedback_late/dt={late}/: `shoprank events merge-late "
+                  f"--date {late}`, then re-run {late} to validate them")
         try:
-            outcome = validate_partition(task_storage(), "feedback", day, run_id=get_current_context()["ti"].run_id)
+            outcome = validate_partition(storage, "feedback", day, run_id=get_current_context()["ti"].run_id)
         except EmptyPartition as exc:
             print(f"skipping {day}: {exc}")
             raise AirflowSkipException(f"no feedback for {day}: {exc}") from None
@@ -122,7 +145,7 @@ def shoprank_daily_update():
                               validation_status=validation_status([validated]), extra_tags=tags)
 
     validated = validate_feedback()
-    validate_catalog() >> validated
+    wait_for_feedback() >> validate_catalog() >> validated
     manifest = prepare(validated)
     trained = train(manifest, validated)
     evaluated = evaluate(trained, manifest)

@@ -196,6 +196,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    from shoprank.daily import merge_late_feedback, pending_late_days
+    from shoprank.storage import Storage
+
+    storage = Storage(get_settings())
+    if args.action == "pending":
+        days = pending_late_days(storage, before="9999-12-31")
+        print("\n".join(f"raw/feedback_late/dt={d}/" for d in days) if days else "no late events are waiting")
+        return 0
+    if not args.date:
+        print("shoprank events merge-late: --date YYYY-MM-DD is required", file=sys.stderr)
+        return 2
+    day = args.date.isoformat()
+    moved = merge_late_feedback(storage, day)
+    print(f"moved {len(moved)} late part(s) into raw/feedback/dt={day}/" + "".join(f"\n  {k}" for k in moved))
+    if moved:
+        print(f"next: re-run the daily update of {day} (Airflow UI: Clear its run, or trigger shoprank_daily_update "
+              f"with logical date {day}) to validate them with the rest of the day")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from shoprank.serving.app import serve
     from shoprank.stack import prepared_settings
@@ -280,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bot-fraction", type=float, default=0.0, help="share of bot-like sessions to inject")
     p.add_argument("--ranker", choices=["champion", "bm25", "random"], default="champion")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("events", help="late events: list days waiting in raw/feedback_late/, merge one into its day")
+    p.add_argument("action", choices=["pending", "merge-late"],
+                   help="pending: list the days with late events; merge-late: move --date's late parts into "
+                        "raw/feedback/dt=DATE/ (then re-run that date)")
+    p.add_argument("--date", type=_date, help="the day whose late events to merge (YYYY-MM-DD)")
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("config", help="print the resolved settings (no secrets)")
     p.add_argument("--table", action="store_true", help="print the README configuration table")

@@ -48,7 +48,7 @@ DAG_ID = "shoprank_daily_update"
 @dataclass(frozen=True)
 class UpdatePolicy:
     """Env: SHOPRANK_DAILY_REPLAY_RATIO, _HOLDOUT_FRACTION, _MAX_HOLDOUT_ROWS,
-    _FULL_RETRAIN_EVERY_DAYS, _MIN_PAIRS, _MAX_STEPS (warm), _FULL_MAX_STEPS."""
+    _FULL_RETRAIN_EVERY_DAYS, _MIN_PAIRS, _MAX_STEPS (warm), _FULL_MAX_STEPS, _WAIT_HOURS."""
 
     replay_ratio: float = 0.5
     holdout_fraction: float = 0.2
@@ -58,6 +58,9 @@ class UpdatePolicy:
     warm_steps: int = 60
     full_steps: int = 300
     seed: int = 42
+    # how long after the end of day D the run of D waits for an incomplete feedback partition
+    # (parts without _SUCCESS) before it skips the day; 0: skip at once
+    wait_hours: float = 6.0
 
     @classmethod
     def from_env(cls) -> "UpdatePolicy":
@@ -71,7 +74,89 @@ class UpdatePolicy:
             warm_steps=int(e.get("SHOPRANK_DAILY_MAX_STEPS", cls.warm_steps)),
             full_steps=int(e.get("SHOPRANK_DAILY_FULL_MAX_STEPS", cls.full_steps)),
             seed=int(e.get("SHOPRANK_SEED", cls.seed)),
+            wait_hours=float(e.get("SHOPRANK_DAILY_WAIT_HOURS", cls.wait_hours)),
         )
+
+    def feedback_wait(self) -> FeedbackWait:
+        """Poke every 10 minutes; the sensor's own timeout is a backstop (the readiness rule
+        gives up at ``wait_hours`` after the day ended, which for a late catch-up run is at once)."""
+        return FeedbackWait(poke_seconds=600.0, timeout_seconds=max(self.wait_hours, 1.0) * 3600 + 86400)
+
+
+@dataclass(frozen=True)
+class FeedbackWait:
+    """The daily DAG's ``wait_for_feedback`` sensor settings (reschedule mode)."""
+
+    poke_seconds: float
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class FeedbackReadiness:
+    """Whether day D's raw feedback can be validated now (see :func:`feedback_readiness`)."""
+
+    state: str  # "ready" (complete, or nothing there: validation decides), "wait" or "give_up"
+    message: str
+
+    @property
+    def done(self) -> bool:
+        return self.state != "wait"
+
+
+def feedback_readiness(storage: Storage, day: str, now: dt.datetime | None = None,
+                       policy: UpdatePolicy | None = None) -> FeedbackReadiness:
+    """Is ``raw/feedback/dt=D/`` ready for the daily run of D?
+
+    * complete (``_SUCCESS``), or no data file at all: ``ready`` (validation then validates it,
+      or skips an empty day as before);
+    * data files but no ``_SUCCESS`` (an upload in progress; the ranking API marks a day only
+      after it ended plus its grace): ``wait`` until ``wait_hours`` after the end of D, then
+      ``give_up``: the run skips the day, saying how to run it once the marker exists. An
+      incomplete partition is never validated nor promoted."""
+    from shoprank.storage import partition_prefix
+
+    policy = policy or UpdatePolicy.from_env()
+    now = now or dt.datetime.now(dt.timezone.utc)
+    listing = storage.partition_listing("raw", "feedback", day)
+    if listing.complete or not (listing.data or listing.nested):
+        return FeedbackReadiness("ready", f"raw feedback of {day}: "
+                                 + ("complete (_SUCCESS)" if listing.complete else "no data files"))
+    deadline = dt.datetime.combine(dt.date.fromisoformat(day) + dt.timedelta(days=1), dt.time(),
+                                   tzinfo=dt.timezone.utc) + dt.timedelta(hours=policy.wait_hours)
+    n = len(listing.data) + len(listing.nested)
+    marker = storage.uri(partition_prefix("raw", "feedback", day) + "_SUCCESS")
+    if now < deadline:
+        return FeedbackReadiness("wait", f"raw feedback of {day} is not complete yet: {n} data file(s), no "
+                                 f"{marker}; waiting until {deadline:%Y-%m-%d %H:%M} UTC "
+                                 "(SHOPRANK_DAILY_WAIT_HOURS after the day ended)")
+    return FeedbackReadiness("give_up", f"raw feedback of {day} is still not complete {policy.wait_hours:g} h after "
+                             f"the day ended: {n} data file(s), no {marker}. The day is skipped, nothing was "
+                             "validated or promoted. When the upload is complete, write that empty marker and "
+                             f"clear this run (Airflow UI: Clear) or trigger {DAG_ID} for {day} again.")
+
+
+def merge_late_feedback(storage: Storage, day: str) -> list[str]:
+    """Before validating day D: bring D's late events (``raw/feedback_late/dt=D/``, written by
+    the ranking API after D was marked complete) into ``raw/feedback/dt=D/`` so that a run or
+    re-run of D validates them with the rest. Returns the keys moved."""
+    from shoprank.serving.events import merge_late_events
+
+    moved = merge_late_events(storage, day)
+    if moved:
+        log.info("merged %d late part(s) of %s from raw/feedback_late/ into raw/feedback/: %s", len(moved), day,
+                 ", ".join(moved))
+    return moved
+
+
+def pending_late_days(storage: Storage, before: str) -> list[str]:
+    """Days before ``before`` with late events waiting in ``raw/feedback_late/`` (their own
+    daily run already happened): run ``shoprank events merge-late --date D`` and re-run D."""
+    from shoprank.serving.events import LATE_ROOT
+    from shoprank.storage import scan_partition_keys
+
+    prefix = LATE_ROOT + "/"
+    scan = scan_partition_keys(prefix, storage.list_keys(prefix))
+    return [d for d in sorted(set(scan.incomplete) | set(scan.complete)) if d < before]
 
 
 class NotEnoughSignal(RuntimeError):

@@ -196,6 +196,40 @@ def test_incomplete_partition_waits_and_is_never_promoted(storage):
     FIGURES["cases"] += 1
 
 
+def test_daily_run_waits_for_an_incomplete_feedback_day_then_skips_it(storage):
+    """Fault: day D's feedback upload in progress (parts, no `_SUCCESS`) when D's daily run starts.
+    Expected: the daily DAG's sensor rule says wait until SHOPRANK_DAILY_WAIT_HOURS after D ended,
+    then give up (the run skips D, saying how to run it later); a complete or absent day is ready
+    at once. Late events of D (raw/feedback_late/dt=D/) are merged into dt=D before validation,
+    and late days of earlier dates are listed, never dropped."""
+    from shoprank.daily import UpdatePolicy, feedback_readiness, merge_late_feedback, pending_late_days
+    from shoprank.serving.events import part_key
+
+    policy = UpdatePolicy(wait_hours=6)
+    day_end = dt.datetime(2026, 11, 21, tzinfo=dt.timezone.utc)
+    assert feedback_readiness(storage, DAY, now=day_end, policy=policy).state == "ready"  # nothing there
+    data = parquet(clean("feedback"))
+    put(storage, "feedback", {"part-00000.parquet": data}, complete=False)
+    waiting = feedback_readiness(storage, DAY, now=day_end + dt.timedelta(hours=5, minutes=59), policy=policy)
+    assert waiting.state == "wait" and not waiting.done
+    assert f"raw/feedback/dt={DAY}/_SUCCESS" in waiting.message and "2026-11-21 06:00" in waiting.message
+    late = feedback_readiness(storage, DAY, now=day_end + dt.timedelta(hours=6), policy=policy)
+    assert late.state == "give_up" and late.done and "skipped" in late.message and "clear this run" in late.message
+    assert storage.list_keys("validated/") == [] and storage.list_keys("quarantine/") == []
+    storage.put_bytes(f"raw/feedback/dt={DAY}/_SUCCESS", b"")
+    assert feedback_readiness(storage, DAY, now=day_end, policy=policy).state == "ready"
+
+    storage.put_bytes(part_key(DAY, "late-1", late=True), data)
+    storage.put_bytes(part_key("2026-11-18", "late-2", late=True), data)
+    assert pending_late_days(storage, before=DAY) == ["2026-11-18"]
+    moved = merge_late_feedback(storage, DAY)
+    assert moved == [f"raw/feedback/dt={DAY}/part-ev-late-1.parquet"]
+    assert storage.list_keys(f"raw/feedback_late/dt={DAY}/") == []
+    assert storage.get_bytes(moved[0]) == data
+    assert pending_late_days(storage, before="2026-12-31") == ["2026-11-18"]
+    FIGURES["cases"] += 1
+
+
 # ---- 4. stray or malformed partition folders ----------------------------------------------------------
 def test_malformed_partition_folders_are_reported_and_never_latest(storage, caplog):
     """Fault: folders `dt=2026-02-30`, `dt=2026-13-01`, `date=2026-11-21`, `2026-11-22` and a file

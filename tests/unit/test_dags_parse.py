@@ -44,6 +44,11 @@ def test_daily_dag_schedule(dagbag):
     assert dag.max_active_runs == 1
     assert type(dag.timetable).__name__ == "CronDataIntervalTimetable"  # logical date = the day processed
     assert "validate_feedback" in dag.task_ids and "auto_promote" in dag.task_ids
+    # an upload in progress waits (reschedule: no worker slot held) before anything reads the day
+    sensor = dag.get_task("wait_for_feedback")
+    assert sensor.mode == "reschedule" and sensor.poke_interval >= 60
+    assert dag.get_task("validate_catalog").upstream_task_ids == {"wait_for_feedback"}
+    assert "validate_catalog" in dag.get_task("validate_feedback").upstream_task_ids
 
 
 @pytest.mark.parametrize("path", sorted(DAGS.glob("*.py")), ids=lambda p: p.name)
