@@ -168,13 +168,20 @@ class AppClient:
 
         import httpx
 
-        from shoprank.serving.app import ServeConfig, create_app
+        import secrets
 
-        # no result cache: the benchmark replays the same requests in every round
-        self.app = create_app(scorer=scorer, config=ServeConfig(cache_size=0, batch_size=64))
+        from shoprank.serving.app import ServeConfig, create_app
+        from shoprank.serving.auth import ServeAuth
+
+        # no result cache: the benchmark replays the same requests in every round. A throwaway
+        # events token (the app requires one; /rank is open unless SHOPRANK_SERVE_RANK_TOKEN is set).
+        token = secrets.token_urlsafe(16)
+        self.app = create_app(scorer=scorer, config=ServeConfig(cache_size=0, batch_size=64),
+                              auth=ServeAuth(events_token=token))
         self.backend = scorer.backend
         self.loop = asyncio.new_event_loop()
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://bench")
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://bench",
+                                        headers={"Authorization": f"Bearer {token}"})
         self._lifespan = None
         self.loop.run_until_complete(self._start())
 

@@ -2,8 +2,15 @@
 
 Input: a DataFrame with columns ``query`` and ``text`` (product text, see
 ``shoprank.data.contracts.product_text``).  Output: one relevance score per row (higher is
-better).  Loads with ``mlflow.pyfunc.load_model("models:/<name>@champion")`` anywhere the
-package is installed; the weights travel as the ``model_dir`` artifact (Hugging Face format).
+better).  Loads with ``mlflow.pyfunc.load_model("models:/<name>@champion")``; the weights
+travel as the ``model_dir`` artifact (Hugging Face format).
+
+Code dependency: the ``shoprank`` package is shipped *inside* the model (``code_paths``: MLflow
+copies it to the model's ``code/shoprank/`` and puts ``code/`` on ``sys.path`` when loading),
+and ``requirements.txt`` lists only third-party packages pinned to the versions it was logged
+with.  There is no bare ``shoprank`` requirement: shoprank is not on PyPI, so a package index
+could satisfy that name with someone else's package.  In a process that already imports
+shoprank (the API, the DAG tasks) the installed copy is the one used.
 """
 
 from __future__ import annotations
@@ -44,14 +51,28 @@ def log_cross_encoder(run_id: str, model_dir: Path, name: str = "model") -> str:
             signature=signature,
             input_example=example,
             pip_requirements=_requirements(),
+            code_paths=[str(package_dir())],
         )
     return info.model_uri
 
 
+# third-party packages the shipped code imports to load and score (shoprank.evaluation pulls in
+# torchmetrics; tokenizers / huggingface_hub come with transformers)
+MODEL_REQUIREMENTS = ("torch", "transformers", "torchmetrics", "numpy", "pandas", "mlflow")
+
+
+def package_dir() -> Path:
+    """The directory of the ``shoprank`` package this process runs (shipped with each model)."""
+    import shoprank
+
+    return Path(shoprank.__file__).resolve().parent
+
+
 def _requirements() -> list[str]:
+    """Exact pins (``name==installed version``) of :data:`MODEL_REQUIREMENTS`; never ``shoprank``."""
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "pandas", "mlflow")] + ["shoprank"]
+    return [f"{pkg}=={version(pkg)}" for pkg in MODEL_REQUIREMENTS]
 
 
 def load_scorer(model_uri: str):

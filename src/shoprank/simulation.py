@@ -92,10 +92,12 @@ def simulate_and_write(settings: Settings, day: dt.date | str, n_sessions: int =
     from shoprank.data.contracts import CATALOG
 
     storage.write_partition(CATALOG.conform(market.catalog_for_day(day)), "raw", "catalog", day)
-    from shoprank.stack import secret
+    from shoprank.serving.auth import user_hash_key
 
+    # the key serving pseudonymises with (env / .env / stack.env; read, never generated)
+    key = user_hash_key(home=settings.home)
     events = simulate_day(market, day, rank_fn, n_sessions=n_sessions, seed=seed, model_version=version,
-                          bot_fraction=bot_fraction, hmac_key=secret(settings, "SHOPRANK_USER_HASH_KEY"), n_category_candidates=8, n_fresh_candidates=2,
+                          bot_fraction=bot_fraction, hmac_key=key, n_category_candidates=8, n_fresh_candidates=2,
                           n_random_candidates=6)
     write_day(storage, market, day, events)
     counts = events["event_type"].value_counts().to_dict()

@@ -47,6 +47,8 @@ app = create_app(settings, scorer=Const(), storage=Storage(settings), hash_key=o
 '''
 
 CLIENTS, BATCH, KILL_AFTER = 16, 50, 2_500
+TOKEN = "reliability-events-token"  # SHOPRANK_SERVE_EVENTS_TOKEN of the API process
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class ApiProcess:
@@ -63,7 +65,8 @@ class ApiProcess:
                     "SHOPRANK_S3_ENDPOINT_URL": s.s3_endpoint_url, "SHOPRANK_BUCKET": s.bucket,
                     "AWS_ACCESS_KEY_ID": s.aws_access_key_id, "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key,
                     "AWS_DEFAULT_REGION": s.aws_region, "SHOPRANK_USER_HASH_KEY": "reliability-hash-key",
-                    **serve_env}
+                    "SHOPRANK_SERVE_EVENTS_TOKEN": TOKEN, **serve_env}
+        self.env = {k: v for k, v in self.env.items() if v is not None}  # serve_env=None: unset
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -139,7 +142,7 @@ class Load:
         self.threads = [threading.Thread(target=self._client, args=(c,), daemon=True) for c in range(CLIENTS)]
 
     def _client(self, c: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as http:
+        with httpx.Client(base_url=self.url, timeout=60, headers=AUTH) as http:
             n = 0
             while not self.stop.is_set() and (self.max_batches is None or n < self.max_batches):
                 ts = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -253,10 +256,40 @@ def test_real_server_refuses_huge_bodies_unread_and_ancient_events(api, storage)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"SHOPRANK_SERVE_MAX_BODY_BYTES" in answer
     r = httpx.post(server.url + "/events", json={"events": [_event("old-00001-00", "0001-01-01T00:00:00Z")]},
-                   timeout=30)
+                   timeout=30, headers=AUTH)
     assert r.status_code == 422 and r.json()["detail"]["errors"][0]["field"] == "ts"
     assert "SHOPRANK_SERVE_EVENTS_MAX_LATE_DAYS" in r.text
     server.stop()
     assert storage.list_keys("raw/") == []
     print(f"\nRELIABILITY FIGURES events-limits: 413 after {waited * 1000:.0f} ms with 64 KiB of a declared "
           f"5,000,000-byte body sent; year-0001 ts refused with 422 (field ts)")
+
+
+def test_real_server_needs_the_events_token_and_will_not_start_without_one(api, storage):
+    """Fault: the API process is started with no SHOPRANK_SERVE_EVENTS_TOKEN; then, started with
+    one, it gets /events without a token, with a wrong one, and /metrics without one.
+    Expected: the first start exits non-zero, its log naming the variable, before it listens;
+    then 401 with ``WWW-Authenticate: Bearer`` for each refused
+    call, nothing stored from them, 202 with the token."""
+    bare = api(SHOPRANK_SERVE_EVENTS_TOKEN=None)
+    with pytest.raises(AssertionError, match="the API exited"):
+        bare.start()
+    assert "SHOPRANK_SERVE_EVENTS_TOKEN is not set" in bare.log()
+    bare.proc.wait(timeout=30)
+    assert bare.proc.returncode != 0
+
+    server = api()
+    server.start()
+    ts = dt.datetime.now(dt.timezone.utc).isoformat()
+    body = {"events": [_event("auth-00001-00", ts)]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        r = httpx.post(server.url + "/events", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), (headers, r.text)
+    assert httpx.get(server.url + "/metrics", timeout=30).status_code == 401
+    assert httpx.get(server.url + "/metrics", headers=AUTH, timeout=30).status_code == 200
+    assert httpx.post(server.url + "/events", json=body, headers=AUTH, timeout=30).status_code == 202
+    server.stop()
+    stored = _stored(storage)
+    assert dict(stored) == {"auth-00001-00": 1}
+    print("\nRELIABILITY FIGURES events-auth: start without SHOPRANK_SERVE_EVENTS_TOKEN refused; 3 unauthenticated "
+          "/events calls and 1 /metrics call got 401; 1 event stored (the authenticated one)")

@@ -20,10 +20,14 @@ from shoprank.data.contracts import FEEDBACK
 from shoprank.data.simulator import pseudonymise
 from shoprank.serving.ab import bucket, choose_arm
 from shoprank.serving.app import ServeConfig, create_app
+from shoprank.serving.auth import ServeAuth
 from shoprank.serving.events import EventsRejected, validate_events
 from shoprank.serving.online import online_metrics_by_arm
 
 KEY = "unit-test-hash-key"
+TOKEN = "unit-test-events-token"
+AUTH = ServeAuth(events_token=TOKEN)
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}  # every client below sends the events token
 
 
 class FakeScorer:
@@ -153,7 +157,7 @@ def make(settings, storage, reg=None, now=NOW, **cfg):
     reg = reg or FakeRegistry(champion="1")
     config = ServeConfig(**{"poll_seconds": 3600, "events_flush_seconds": 3600, **cfg})
     app = create_app(settings, loader=reg.load, resolve_alias=reg.resolve, storage=storage, config=config,
-                     hash_key=KEY)
+                     hash_key=KEY, auth=AUTH)
     if now is not None:
         app.state.service.sink.clock = (lambda: now) if isinstance(now, dt.datetime) else now
     return app, reg
@@ -172,7 +176,7 @@ def metric(client, line_start: str) -> float:
 
 def test_rank_orders_by_score_and_carries_ids(settings, storage):
     app, reg = make(settings, storage)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         r = client.post("/rank", json={"query": "red running shoes", "candidates": CANDS, "session_id": "s1"})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -190,7 +194,7 @@ def test_rank_orders_by_score_and_carries_ids(settings, storage):
 
 def test_ids_are_resolved_from_the_latest_validated_catalogue(settings, storage):
     app, _ = make(settings, storage)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         r = client.post("/rank", json={"query": "red running shoes", "product_ids": ["p4", "p2", "p1", "p3"]})
         assert r.status_code == 200, r.text
         order = [x["product_id"] for x in r.json()["results"]]
@@ -221,7 +225,7 @@ def test_ids_are_resolved_from_the_latest_validated_catalogue(settings, storage)
 ])
 def test_bad_rank_requests_get_4xx_and_change_nothing(settings, storage, body, status, needle):
     app, reg = make(settings, storage)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         r = client.post("/rank", json=body)
         assert r.status_code == status, r.text
         assert needle in r.text
@@ -235,7 +239,7 @@ def test_bad_rank_requests_get_4xx_and_change_nothing(settings, storage, body, s
 def test_no_champion_answers_503_until_one_appears(settings, storage):
     reg = FakeRegistry()
     app, _ = make(settings, storage, reg)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         r = client.post("/rank", json={"query": "shoes", "candidates": CANDS})
         assert r.status_code == 503 and "no @champion" in r.json()["detail"]["error"]
         assert client.get("/readyz").status_code == 503
@@ -246,7 +250,7 @@ def test_no_champion_answers_503_until_one_appears(settings, storage):
 
 def test_cache_hits_misses_and_bound(settings, storage):
     app, reg = make(settings, storage, cache_size=2)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         q = {"query": "red shoes", "candidates": CANDS}
         first = client.post("/rank", json=q).json()
         second = client.post("/rank", json=q).json()
@@ -264,7 +268,7 @@ def test_cache_hits_misses_and_bound(settings, storage):
 def test_pairs_are_scored_in_batches(settings, storage):
     app, reg = make(settings, storage, batch_size=3, cache_size=0)
     cands = [{"product_id": f"p{i}", "text": f"item {i} shoes"} for i in range(7)]
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         assert client.post("/rank", json={"query": "shoes", "candidates": cands}).status_code == 200
     assert reg.scorers["1"].calls == [3, 3, 1]
 
@@ -272,7 +276,7 @@ def test_pairs_are_scored_in_batches(settings, storage):
 def test_hot_reload_swaps_after_load_and_keeps_old_on_failure(settings, storage):
     reg = FakeRegistry(champion="1")
     app, _ = make(settings, storage, reg, poll_seconds=0.05)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         q = {"query": "red shoes", "candidates": CANDS}
         assert client.post("/rank", json=q).json()["model_version"] == "1"
         reg.broken.add("3")
@@ -309,7 +313,7 @@ def test_ab_mode_routes_sessions_and_events_record_the_arm(settings, storage):
     sessions = {f"s{i}": choose_arm("ab", f"s{i}", 0.5) for i in range(20)}
     ch = next(s for s, a in sessions.items() if a == "challenger")
     cp = next(s for s, a in sessions.items() if a == "champion")
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         r1 = client.post("/rank", json={"query": "red shoes", "candidates": CANDS, "session_id": ch}).json()
         r2 = client.post("/rank", json={"query": "red shoes", "candidates": CANDS, "session_id": cp}).json()
         assert (r1["arm"], r1["model_version"]) == ("challenger", "2")
@@ -329,7 +333,7 @@ def test_ab_mode_routes_sessions_and_events_record_the_arm(settings, storage):
 def test_shadow_mode_returns_champion_and_records_agreement(settings, storage):
     reg = FakeRegistry(champion="1", challenger="2")
     app, _ = make(settings, storage, reg, mode="shadow")
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         for s in ("a", "b", "c"):
             body = client.post("/rank", json={"query": "red shoes", "candidates": CANDS, "session_id": s}).json()
             assert body["arm"] == "champion" and body["model_version"] == "1"
@@ -344,7 +348,7 @@ def test_shadow_mode_returns_champion_and_records_agreement(settings, storage):
 
 def test_metrics_exposition(settings, storage):
     app, _ = make(settings, storage)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         client.post("/rank", json={"query": "red shoes", "candidates": CANDS})
         client.post("/rank", json={"query": "", "candidates": CANDS})
         r = client.get("/metrics")
@@ -372,7 +376,7 @@ def _event(i=0, **over):
 def test_events_are_pseudonymised_buffered_and_flushed_on_shutdown(settings, storage):
     app, _ = make(settings, storage)
     hashed = pseudonymise("someone", KEY)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         events = [_event(0), _event(1, event_type="click", user_id=hashed),
                   _event(2, ts="2026-11-23T00:00:01+00:00", event_type="purchase", position=2)]
         r = client.post("/events", json={"events": events})
@@ -407,7 +411,7 @@ def test_events_are_pseudonymised_buffered_and_flushed_on_shutdown(settings, sto
 ])
 def test_bad_events_get_422_with_index_and_field_and_nothing_is_written(settings, storage, events, index, field):
     app, _ = make(settings, storage)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         r = client.post("/events", json={"events": events})
         assert r.status_code == 422, r.text
         errors = r.json()["detail"]["errors"]
@@ -418,7 +422,7 @@ def test_bad_events_get_422_with_index_and_field_and_nothing_is_written(settings
 
 def test_malformed_event_bodies(settings, storage):
     app, _ = make(settings, storage, max_events=5)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         assert client.post("/events", content=b"{not json", headers={"content-type": "application/json"}
                            ).status_code == 400
         assert "limit is 5" in client.post("/events", json=[_event(i) for i in range(6)]).text
@@ -432,7 +436,7 @@ def test_flush_by_size_and_failed_flush_keeps_the_wal_then_recovers(settings, st
     in_day = dt.datetime(2026, 11, 22, 12, tzinfo=UTC)  # 11-22 still open: no marker, no late routing
     app, _ = make(settings, storage, now=in_day, events_flush_size=2, events_flush_seconds=0.05)
     wal = settings.home / "serving" / "wal"
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         client.post("/events", json=[_event(0), _event(1)])
         deadline = time.monotonic() + 5
         while not storage.keys("raw/feedback/"):
@@ -567,7 +571,7 @@ def test_grafana_dashboard_only_uses_metrics_the_app_exports(settings, storage):
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {re.sub(r"_(bucket|total)$", "", m) for e in exprs for m in re.findall(r"shoprank_serve_\w+", e)}
     app, _ = make(settings, storage)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         exposed = set(re.findall(r"^# HELP (shoprank_serve_\w+)", client.get("/metrics").text, re.M))
     exposed = {re.sub(r"_total$", "", m) for m in exposed}
     assert used and used <= exposed, sorted(used - exposed)
@@ -586,8 +590,8 @@ def test_daily_update_online_metrics_never_fail_the_day():
 
 def test_fixed_scorer_app_needs_no_registry_or_storage(settings):
     scorer = FakeScorer("5")
-    app = create_app(settings, scorer=scorer, config=ServeConfig(cache_size=0))
-    with TestClient(app) as client:
+    app = create_app(settings, scorer=scorer, config=ServeConfig(cache_size=0), auth=AUTH)
+    with TestClient(app, headers=HEADERS) as client:
         body = client.post("/rank", json={"query": "red shoes", "candidates": CANDS}).json()
         assert (body["model_version"], body["backend"]) == ("5", "fake")
         assert client.post("/events", json=[_event(0)]).status_code == 503  # no S3: refused, not dropped
@@ -600,8 +604,8 @@ def test_scorer_failure_is_a_counted_500_and_nothing_is_cached(settings, storage
             raise RuntimeError("onnxruntime exploded")
 
     app = create_app(settings, scorer=Broken("1"), storage=storage, hash_key=KEY,
-                     config=ServeConfig(poll_seconds=3600))
-    with TestClient(app, raise_server_exceptions=False) as client:
+                     config=ServeConfig(poll_seconds=3600), auth=AUTH)
+    with TestClient(app, raise_server_exceptions=False, headers=HEADERS) as client:
         assert client.post("/rank", json={"query": "red shoes", "candidates": CANDS}).status_code == 500
         assert metric(client, 'shoprank_serve_errors_total{route="/rank",status="500"}') == 1.0
         assert len(app.state.service.cache) == 0
@@ -642,7 +646,7 @@ def test_an_accepted_event_is_in_the_fsynced_wal_before_the_202(settings, storag
     monkeypatch.setattr(events_mod.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     app, _ = make(settings, storage)
     wal = settings.home / "serving" / "wal"
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         r = client.post("/events", json=[_event(0), _event(1)])
         assert r.status_code == 202 and synced  # fsync'd before the answer
         (segment,) = wal.glob("*.wal")
@@ -717,7 +721,7 @@ def test_the_day_is_marked_complete_only_after_it_ended_plus_the_grace(settings,
     app, _ = make(settings, storage, now=lambda: clock[0], events_grace_minutes=30)
     marker = "raw/feedback/dt=2026-11-22/_SUCCESS"
     sink = app.state.service.sink
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         assert client.post("/events", json=[_event(0, ts="2026-11-22T23:49:00Z")]).status_code == 202
         sink.flush()
         assert _stored_ids(storage) == ["e0"] and marker not in storage.objects  # first flush: no marker
@@ -755,7 +759,7 @@ def test_a_restart_marks_the_days_a_crash_left_unmarked_but_not_foreign_uploads(
 ])
 def test_events_too_far_in_the_past_are_refused_naming_ts(settings, storage, ts, needle):
     app, _ = make(settings, storage)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         r = client.post("/events", json=[_event(0), _event(1, ts=ts)])
         assert r.status_code == 422, r.text
         (err,) = r.json()["detail"]["errors"]
@@ -767,7 +771,7 @@ def test_events_too_far_in_the_past_are_refused_naming_ts(settings, storage, ts,
 
 def test_request_bodies_over_the_limit_get_413_unread(settings, storage):
     app, _ = make(settings, storage, max_body_bytes=2000)
-    with TestClient(app) as client:
+    with TestClient(app, headers=HEADERS) as client:
         big = client.post("/events", content=b"x" * 5000, headers={"content-type": "application/json"})
         assert big.status_code == 413, big.text  # not 400: the body was never parsed
         assert big.json()["detail"]["field"] == "body" and "SHOPRANK_SERVE_MAX_BODY_BYTES" in big.text
@@ -898,3 +902,111 @@ def test_s3_down_at_start_delays_recovery_but_loses_nothing(storage, tmp_path):
     assert second.flush() == 1  # what the background flusher does next
     assert _stored_ids(storage) == ["a1"] and "raw/feedback/dt=2026-11-22/_SUCCESS" in storage.objects
     assert list((tmp_path / "wal").glob("*.wal")) == []
+
+
+# ---- authentication (issue 18 item 4) ------------------------------------------------------------
+def _no_secrets_in_env(monkeypatch, tmp_path):
+    """The process environment without any serving secret, and no .env file."""
+    for name in ("SHOPRANK_SERVE_EVENTS_TOKEN", "SHOPRANK_SERVE_RANK_TOKEN", "SHOPRANK_SERVE_ADMIN_TOKEN",
+                 "SHOPRANK_USER_HASH_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SHOPRANK_ENV_FILE", str(tmp_path / "no.env"))
+
+
+def test_events_and_metrics_need_the_token_rank_is_open_without_a_rank_token(settings, storage):
+    app, _ = make(settings, storage)
+    body = {"events": [_event(0)]}
+    with TestClient(app) as anonymous:  # no Authorization header
+        missing = anonymous.post("/events", json=body)
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        assert "SHOPRANK_SERVE_EVENTS_TOKEN" in missing.json()["detail"]["error"]
+        wrong = anonymous.post("/events", json=body, headers={"Authorization": "Bearer not-the-token"})
+        assert wrong.status_code == 401 and "wrong bearer token" in wrong.text
+        assert anonymous.post("/events", json=body, headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+        assert anonymous.post("/events", json=body, headers={"Authorization": TOKEN}).status_code == 401
+        assert app.state.service.sink.buffered == 0  # refused before the body was read: nothing kept
+        assert anonymous.get("/metrics").status_code == 401  # admin endpoint
+        assert anonymous.post("/rank", json={"query": "red shoes", "candidates": CANDS}).status_code == 200
+        assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/readyz").status_code == 200
+        ok = anonymous.post("/events", json=body, headers=HEADERS)
+        assert ok.status_code == 202 and app.state.service.sink.buffered == 1
+        assert anonymous.get("/metrics", headers=HEADERS).status_code == 200  # no admin token: the events token
+    with TestClient(app, headers=HEADERS) as client:
+        assert metric(client, 'shoprank_serve_errors_total{route="/events",status="401"}') == 4.0
+
+
+def test_rank_and_admin_tokens_when_set(settings, storage):
+    auth = ServeAuth(events_token=TOKEN, rank_token="rank-token-1", admin_token="admin-token-1")
+    reg = FakeRegistry(champion="1")
+    app = create_app(settings, loader=reg.load, resolve_alias=reg.resolve, storage=storage, hash_key=KEY, auth=auth,
+                     config=ServeConfig(poll_seconds=3600, events_flush_seconds=3600))
+    q = {"query": "red shoes", "candidates": CANDS}
+    with TestClient(app) as client:
+        refused = client.post("/rank", json=q)
+        assert refused.status_code == 401 and "SHOPRANK_SERVE_RANK_TOKEN" in refused.text
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert client.post("/rank", json=q, headers=HEADERS).status_code == 401  # the events token is not it
+        assert client.post("/rank", json=q, headers={"Authorization": "Bearer rank-token-1"}).status_code == 200
+        assert client.post("/rank", json={"query": ""}, headers={}).status_code == 401  # auth before validation
+        assert client.post("/events", json=[_event(0)],
+                           headers={"Authorization": "Bearer rank-token-1"}).status_code == 401
+        assert client.get("/metrics", headers=HEADERS).status_code == 401  # an admin token is set: only it
+        metrics = client.get("/metrics", headers={"Authorization": "Bearer admin-token-1"})
+        assert metrics.status_code == 200 and 'route="/rank",status="401"' in metrics.text
+    assert "rank-token-1" not in repr(auth) and TOKEN not in repr(auth)
+
+
+def test_start_refuses_without_the_events_token_and_never_generates_secrets(settings, storage, tmp_path,
+                                                                           monkeypatch):
+    _no_secrets_in_env(monkeypatch, tmp_path)
+    cfg = ServeConfig(poll_seconds=3600)
+    with pytest.raises(ConfigError, match="SHOPRANK_SERVE_EVENTS_TOKEN is not set"):
+        create_app(settings, scorer=FakeScorer("1"), config=cfg)
+    monkeypatch.setenv("SHOPRANK_SERVE_EVENTS_TOKEN", "  ")
+    with pytest.raises(ConfigError, match="SHOPRANK_SERVE_EVENTS_TOKEN"):
+        create_app(settings, scorer=FakeScorer("1"), config=cfg)
+    monkeypatch.setenv("SHOPRANK_SERVE_EVENTS_TOKEN", "two words")
+    with pytest.raises(ConfigError, match="SHOPRANK_SERVE_EVENTS_TOKEN contains whitespace"):
+        create_app(settings, scorer=FakeScorer("1"), config=cfg)
+    with pytest.raises(ConfigError, match="SHOPRANK_SERVE_EVENTS_TOKEN is empty"):
+        create_app(settings, scorer=FakeScorer("1"), config=cfg, auth=ServeAuth(events_token=""))
+    # with storage, the user-id hash key is required too, and nothing makes one up
+    monkeypatch.setenv("SHOPRANK_SERVE_EVENTS_TOKEN", TOKEN)
+    with pytest.raises(ConfigError, match="SHOPRANK_USER_HASH_KEY is not set"):
+        create_app(settings, scorer=FakeScorer("1"), storage=storage, config=cfg)
+    assert not (settings.home / "stack.env").exists(), "serving must not generate stack.env / secrets"
+
+
+def test_tokens_and_hash_key_are_read_from_stack_env_and_the_environment_wins(settings, storage, tmp_path,
+                                                                            monkeypatch):
+    _no_secrets_in_env(monkeypatch, tmp_path)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    (settings.home / "stack.env").write_text("SHOPRANK_SERVE_EVENTS_TOKEN=from-stack-env\n"
+                                             "SHOPRANK_USER_HASH_KEY=stack-hash-key\n")
+    # a .env copied from .env.example: its blank values must not hide the stack's
+    (tmp_path / "no.env").write_text("SHOPRANK_SERVE_EVENTS_TOKEN=\nSHOPRANK_USER_HASH_KEY=\n")
+    auth = ServeAuth.from_env(home=settings.home)
+    assert (auth.events_token, auth.rank_token, auth.metrics_token) == ("from-stack-env", None, "from-stack-env")
+    monkeypatch.setenv("SHOPRANK_SERVE_EVENTS_TOKEN", "from-env")
+    monkeypatch.setenv("SHOPRANK_SERVE_RANK_TOKEN", "rank-from-env")
+    auth = ServeAuth.from_env(home=settings.home)
+    assert (auth.events_token, auth.rank_token) == ("from-env", "rank-from-env")
+    app = create_app(settings, scorer=FakeScorer("1"), storage=storage, config=ServeConfig(poll_seconds=3600))
+    assert app.state.service.hash_key == "stack-hash-key"
+    with TestClient(app) as client:
+        assert client.post("/rank", json={"query": "mug", "candidates": CANDS}).status_code == 401
+        assert client.post("/rank", json={"query": "mug", "candidates": CANDS},
+                           headers={"Authorization": "Bearer rank-from-env"}).status_code == 200
+
+
+def test_cli_serve_without_the_token_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    from shoprank import cli
+
+    _no_secrets_in_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("SHOPRANK_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SHOPRANK_DEBUG", raising=False)
+    assert cli.main(["serve", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shoprank: error: SHOPRANK_SERVE_EVENTS_TOKEN is not set") and "Traceback" not in err
+    assert not (tmp_path / "home" / "stack.env").exists()  # `shoprank serve` generates nothing

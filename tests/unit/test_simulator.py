@@ -180,3 +180,40 @@ def test_write_day(mp, random_events, recording_storage):
     dup = pd.concat([random_events.iloc[:5], random_events.iloc[:5]])
     with pytest.raises(ValueError, match="unique"):
         write_day(st, mp, DAY, dup)
+
+
+def test_there_is_no_default_hash_key(mp, monkeypatch):
+    """Issue 18 item 5: no public development key; the environment is not read behind the caller's back."""
+    import shoprank.data.simulator as simulator
+    from shoprank.config import ConfigError
+
+    assert not hasattr(simulator, "DEV_HASH_KEY")
+    monkeypatch.setenv("SHOPRANK_USER_HASH_KEY", "from-the-environment")
+    for key in (None, "", "  ", b""):
+        with pytest.raises(ConfigError, match="SHOPRANK_USER_HASH_KEY"):
+            simulate_day(mp, DAY, random_rank_fn, n_sessions=2, hmac_key=key)
+
+
+def test_simulate_and_write_takes_the_key_from_settings_and_never_generates_one(mp, tmp_path, monkeypatch,
+                                                                                recording_storage):
+    """The demo / CLI path: the key is SHOPRANK_USER_HASH_KEY from the environment or stack.env
+    (as serving reads it); missing, a ConfigError naming it, and no stack.env is written."""
+    import shoprank.simulation as simulation
+    from shoprank.config import ConfigError, Settings
+
+    for name in ("SHOPRANK_USER_HASH_KEY", "SHOPRANK_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SHOPRANK_ENV_FILE", str(tmp_path / "no.env"))
+    settings = Settings.from_env({"SHOPRANK_HOME": str(tmp_path / "home"), "SHOPRANK_ENV_FILE": str(tmp_path / "x")})
+    monkeypatch.setattr(simulation, "Storage", lambda _settings: recording_storage)
+    monkeypatch.setattr(simulation, "load_marketplace", lambda _storage: mp)
+    with pytest.raises(ConfigError, match="SHOPRANK_USER_HASH_KEY is not set"):
+        simulation.simulate_and_write(settings, DAY, n_sessions=5, ranker="random")
+    assert not (settings.home / "stack.env").exists()
+    settings.home.mkdir(parents=True)
+    (settings.home / "stack.env").write_text("SHOPRANK_USER_HASH_KEY=stack-env-key\n")
+    out = simulation.simulate_and_write(settings, DAY, n_sessions=5, ranker="random")
+    written = recording_storage.partitions[("raw", "feedback", DAY.isoformat())]
+    assert out["events"] == len(written) > 0
+    raw = mp.users["user_id"].astype(str)
+    assert set(written["user_id"]) <= {pseudonymise(u, "stack-env-key") for u in raw}

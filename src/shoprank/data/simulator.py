@@ -44,9 +44,10 @@ size ``n_sessions`` and the candidate counts to the ranker).
 
 Identifiers: ``event_id``, ``request_id`` and ``session_id`` are random 128-bit hex strings
 drawn from the seeded generator (same seed, same ids); ``user_id`` is
-HMAC-SHA256(key, raw user id).  In real use the key is a secret from the environment
-(``SHOPRANK_USER_HASH_KEY``); pass it as ``hmac_key``.  Without one, a fixed development key
-is used and a warning is logged.  Timestamps are UTC and inside the simulated day.
+HMAC-SHA256(key, raw user id).  The key is a secret, ``SHOPRANK_USER_HASH_KEY`` (read by
+:func:`shoprank.serving.auth.user_hash_key`; ``shoprank stack up`` generates one), passed as
+``hmac_key``: there is no default key, and a missing one raises
+:class:`~shoprank.config.ConfigError`.  Timestamps are UTC and inside the simulated day.
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-import os
 import time
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
+from shoprank.config import ConfigError
 from shoprank.data.contracts import EVENT_TYPES, FEEDBACK
 from shoprank.data.synthetic import (
     DAY_US,
@@ -77,8 +78,6 @@ log = logging.getLogger(__name__)
 RankFn = Callable[[str, pd.DataFrame], np.ndarray]
 
 HASH_KEY_ENV = "SHOPRANK_USER_HASH_KEY"
-DEV_HASH_KEY = b"shoprank-dev-only-user-hash-key"
-_warned_dev_key = False
 
 IMPRESSION, CLICK, ADD_TO_CART, PURCHASE = range(4)
 _EVENT_NAMES = np.array(EVENT_TYPES, dtype=object)
@@ -88,17 +87,12 @@ assert tuple(_EVENT_NAMES) == ("impression", "click", "add_to_cart", "purchase")
 _HOURLY = np.array([2, 1, 1, 1, 1, 2, 3, 4, 5, 6, 6, 6, 7, 6, 6, 6, 6, 7, 8, 9, 9, 8, 6, 4], dtype=float)
 
 
-def resolve_hash_key(key: bytes | str | None = None) -> bytes:
-    """The HMAC key for user ids: ``key``, else ``$SHOPRANK_USER_HASH_KEY``, else a dev key."""
-    global _warned_dev_key
-    if key is None:
-        key = os.environ.get(HASH_KEY_ENV) or None
-    if key is None:
-        if not _warned_dev_key:
-            log.warning("no user-id hash key given and %s is unset: using the development key; "
-                        "set %s to a secret in real use", HASH_KEY_ENV, HASH_KEY_ENV)
-            _warned_dev_key = True
-        return DEV_HASH_KEY
+def resolve_hash_key(key: bytes | str | None) -> bytes:
+    """The HMAC key for user ids as bytes.  There is no default: a missing or empty key raises."""
+    if key is None or not (key.strip() if isinstance(key, str) else bytes(key)):
+        raise ConfigError(f"no user-id hash key: pass hmac_key, the value of {HASH_KEY_ENV} "
+                          "(shoprank.serving.auth.user_hash_key() reads it; `shoprank stack up` generates one). "
+                          "The simulator has no default key")
     return key.encode("utf-8") if isinstance(key, str) else bytes(key)
 
 
