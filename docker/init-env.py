@@ -36,6 +36,10 @@ GENERATORS: dict[str, Callable[[], str]] = {
     # a Fernet key is the base64url encoding of 32 random bytes
     "SHOPRANK_AIRFLOW_FERNET_KEY": lambda: base64.urlsafe_b64encode(os.urandom(32)).decode(),
     "SHOPRANK_USER_HASH_KEY": lambda: secrets.token_hex(32),
+    # MLflow basic auth: the pipeline's account, the `admin` login, the UI's CSRF key
+    "MLFLOW_TRACKING_PASSWORD": lambda: secrets.token_hex(24),
+    "MLFLOW_AUTH_ADMIN_PASSWORD": lambda: secrets.token_hex(12),
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": lambda: secrets.token_hex(32),
 }
 PLACEHOLDERS = {"", "change-me"}
 

@@ -1,6 +1,7 @@
 #!/bin/bash
 # PostgreSQL first-start init (mounted into /docker-entrypoint-initdb.d by docker-compose.yml):
-# one database and one login role each for Airflow's and MLflow's metadata. The entrypoint
+# one database and one login role each for Airflow's and MLflow's metadata, and MLflow's
+# users/permissions database (basic auth, owned by the same role). The entrypoint
 # runs this only when the data volume is empty. A shell script rather than plain .sql
 # because the role passwords come from the environment (.env), never from this file.
 set -eo pipefail
@@ -20,4 +21,6 @@ REVOKE ALL ON DATABASE airflow FROM PUBLIC;
 CREATE ROLE mlflow LOGIN PASSWORD :'mlflow_password';
 CREATE DATABASE mlflow OWNER mlflow;
 REVOKE ALL ON DATABASE mlflow FROM PUBLIC;
+CREATE DATABASE mlflow_auth OWNER mlflow;
+REVOKE ALL ON DATABASE mlflow_auth FROM PUBLIC;
 SQL

@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 import urllib.error
 import urllib.request
-from dataclasses import replace
-
 import pytest
 
 from shoprank.config import ConfigError
@@ -42,12 +40,18 @@ def leaked(text: str, secrets: dict[str, str]) -> list[str]:
 
 
 def test_mlflow_rejects_a_foreign_host_header(mlflow_server):
-    """Fault: a request reaches MLflow with a Host header it does not serve (DNS rebinding).
-    Expected: 403; the same request with the loopback Host header is answered (200)."""
+    """Fault: a request reaches MLflow with a Host header it does not serve (DNS rebinding),
+    even with a valid login.  Expected: 403; the same request with the loopback Host header is
+    answered (200).  (Without a login MLflow answers 401: integration/test_mlflow_auth.py.)"""
+    import base64
+
     url = f"{mlflow_server.mlflow_tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert _status(url) == 200
-    assert _status(url, {"Host": "evil.example.com"}) == 403
-    assert _status(url, {"Host": f"attacker.test:{mlflow_server.mlflow_port}"}) == 403
+    login = f"{mlflow_server.mlflow_tracking_username}:{mlflow_server.mlflow_tracking_password}"
+    auth = {"Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
+    assert _status(url, auth) == 200
+    assert _status(url) == 401
+    assert _status(url, {**auth, "Host": "evil.example.com"}) == 403
+    assert _status(url, {**auth, "Host": f"attacker.test:{mlflow_server.mlflow_port}"}) == 403
 
 
 def test_s3_requires_valid_credentials(s3_server):
@@ -61,12 +65,12 @@ def test_s3_requires_valid_credentials(s3_server):
     assert _status(f"{s3_server.s3_endpoint_url}/{bucket}/") in (400, 403)  # anonymous listing
     assert _status(f"{s3_server.s3_endpoint_url}/{bucket}/anon.txt", method="PUT") in (400, 403)
     assert not good.exists("anon.txt"), "an anonymous write must not land"
-    for bad in (replace(s3_server, aws_secret_access_key="wrong-secret"),
-                replace(s3_server, aws_access_key_id="unknown-key")):
+    for bad in (s3_server.replaced(aws_secret_access_key="wrong-secret"),
+                s3_server.replaced(aws_access_key_id="unknown-key")):
         with pytest.raises(StorageError, match="refused the credentials.*AWS_ACCESS_KEY_ID"):
             Storage(bad).list_keys("raw/")
     with pytest.raises(ConfigError, match="S3 credentials are not set"):
-        Storage(replace(s3_server, aws_access_key_id=None, aws_secret_access_key=None))
+        Storage(s3_server.replaced(aws_access_key_id=None, aws_secret_access_key=None))
     assert isinstance(Storage(s3_server).list_keys("raw/"), list)
 
 
@@ -81,6 +85,10 @@ def test_airflow_config_has_auth_on_and_no_credentials_in_plain_env(stack_settin
     assert env["AIRFLOW__API_AUTH__JWT_SECRET"] == secrets["SHOPRANK_AIRFLOW_JWT_SECRET"]
     assert env["AIRFLOW__CORE__FERNET_KEY"] == secrets["SHOPRANK_AIRFLOW_FERNET_KEY"]
     assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
+    # tasks log in to MLflow as the pipeline's own account, never as its admin
+    assert env["MLFLOW_TRACKING_USERNAME"] == "shoprank-pipeline"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == secrets["MLFLOW_TRACKING_PASSWORD"]
+    assert secrets["MLFLOW_AUTH_ADMIN_PASSWORD"] not in env.values()
     path = stack_settings.home / "stack.env"
     assert path.stat().st_mode & 0o077 == 0, "stack.env must be readable by its owner only"
     passwords = stack_settings.home / "airflow" / "passwords.json"
@@ -155,7 +163,7 @@ def test_a_real_training_run_logs_no_secret_to_mlflow(mlflow_server, storage, tm
     monkeypatch.setenv("SHOPRANK_GIT_SHA", "reliability-test")
     import uuid
 
-    settings = replace(mlflow_server, bucket=storage.bucket, registered_model=f"rel-sec-{uuid.uuid4().hex[:6]}")
+    settings = mlflow_server.replaced(bucket=storage.bucket, registered_model=f"rel-sec-{uuid.uuid4().hex[:6]}")
     secrets = secret_values(settings)
     rows = [{"query": f"{c} shoes", "product_id": f"p{i}-{c}", "text": f"{c} shoes | brand{i}",
              "grade": 3 if i == 0 else 0, "weight": 1.0, "query_freq_bucket": "head", "category": "Fashion"}
