@@ -16,7 +16,6 @@ date's training and model version (see shoprank.daily). Backfill a range with
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pendulum
@@ -24,13 +23,14 @@ from airflow.sdk import PokeReturnValue, dag, get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from shoprank.airflow_support import lineage_from_context, promotion_tasks, task_settings, task_storage
+from shoprank.config import get_settings
 from shoprank.daily import UpdatePolicy
 
-WAIT = UpdatePolicy.from_env().feedback_wait()
-
-START = pendulum.parse(os.environ.get("SHOPRANK_DAILY_START_DATE", "2026-11-01"), tz="UTC")
-CATCHUP = os.environ.get("SHOPRANK_DAILY_CATCHUP", "true").lower() in ("1", "true", "yes")
-TRAIN_QUEUE = os.environ.get("SHOPRANK_TRAIN_QUEUE", "default")
+SETTINGS = get_settings()
+WAIT = UpdatePolicy.from_env(SETTINGS).feedback_wait()
+START = pendulum.parse(SETTINGS.daily.start_date, tz="UTC")
+CATCHUP = SETTINGS.daily.catchup
+TRAIN_QUEUE = SETTINGS.airflow.train_queue
 
 
 def _day() -> str:

@@ -10,15 +10,15 @@ sets the training options. All logic lives in `shoprank.workflow`.
 
 from __future__ import annotations
 
-import os
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from shoprank.airflow_support import lineage_from_context, promotion_tasks, task_settings, task_storage
+from shoprank.config import get_settings
 from shoprank.training.config import DEFAULT_LOSS, LOSSES
 
-TRAIN_QUEUE = os.environ.get("SHOPRANK_TRAIN_QUEUE", "default")
+TRAIN_QUEUE = get_settings().airflow.train_queue
 
 
 @dag(

@@ -66,11 +66,9 @@ def mlflow_server(stack, s3_server) -> Settings:
 @pytest.fixture()
 def storage(s3_server):
     """A Storage bound to a fresh bucket on the real S3 server."""
-    from dataclasses import replace
-
     from shoprank.storage import Storage
 
-    settings = replace(s3_server, bucket=f"t-{uuid.uuid4().hex[:12]}")
+    settings = s3_server.replaced(bucket=f"t-{uuid.uuid4().hex[:12]}")
     st = Storage(settings)
     st.ensure_bucket()
     return st

@@ -141,6 +141,13 @@ class AirflowClient:
                 lines.append(str(entry))
         return lines
 
+    def extra_links(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict[str, str | None]:
+        """The task instance's extra links, name -> URL (None: no URL for this task instance)."""
+        out = self._request(
+            "GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+                   f"/taskInstances/{task_id}/links?map_index={map_index}")
+        return dict(out["extra_links"])
+
     # human in the loop
     def hitl_details(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict:
         return self._request(
@@ -155,8 +162,19 @@ class AirflowClient:
             {"chosen_options": [option], "params_input": params_input or {}})
 
 
-def client_for(settings) -> AirflowClient:
-    """A client for the embedded stack, with the generated admin password."""
+def client_for(settings, user: str = "admin") -> AirflowClient:
+    """A client for the embedded stack: ``admin`` with the generated admin password, or another
+    user of ``SHOPRANK_AIRFLOW_USERS`` with the password generated for it
+    (``$SHOPRANK_HOME/airflow/passwords.json``)."""
+    import json
+
     from shoprank.stack import secret
 
-    return AirflowClient(settings.airflow_url, "admin", secret(settings, "SHOPRANK_AIRFLOW_ADMIN_PASSWORD"))
+    if user == "admin":
+        return AirflowClient(settings.airflow_url, "admin", secret(settings, "SHOPRANK_AIRFLOW_ADMIN_PASSWORD"))
+    path = settings.home / "airflow" / "passwords.json"
+    passwords = json.loads(path.read_text()) if path.is_file() else {}
+    if user not in passwords:
+        raise AirflowAPIError(401, "LOGIN", user, f"no password for Airflow user {user!r} in {path}: add the user to "
+                                                  "SHOPRANK_AIRFLOW_USERS and restart the stack")
+    return AirflowClient(settings.airflow_url, user, passwords[user])

@@ -9,7 +9,6 @@ through code or DAG params.  Without that connection, the usual env / .env setti
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 from shoprank.config import Settings, get_settings
 
@@ -29,8 +28,7 @@ def task_settings(conn_id: str = S3_CONN_ID) -> Settings:
         log.info("Airflow connection %r not available (%s); using environment settings", conn_id, exc)
         return settings
     extra = conn.extra_dejson or {}
-    return replace(
-        settings,
+    return settings.replaced(
         aws_access_key_id=conn.login or settings.aws_access_key_id,
         aws_secret_access_key=conn.password or settings.aws_secret_access_key,
         s3_endpoint_url=extra.get("endpoint_url", settings.s3_endpoint_url) or None,  # "" = AWS
@@ -55,18 +53,18 @@ def lineage_from_context(context: dict) -> "Lineage":
 
 def approvers() -> list[dict[str, str]] | None:
     """Users allowed to answer the approval (SHOPRANK_APPROVERS="alice,bob"); None = any user."""
-    import os
+    from shoprank.config import get_settings
 
-    names = [n.strip() for n in os.environ.get("SHOPRANK_APPROVERS", "").split(",") if n.strip()]
-    return [{"id": n, "name": n} for n in names] or None
+    return [{"id": n, "name": n} for n in get_settings().approval.names] or None
 
 
 def approval_timeout():
     """How long the approval waits (SHOPRANK_APPROVAL_TIMEOUT_HOURS, default 24); then: Reject."""
     import datetime as dt
-    import os
 
-    return dt.timedelta(hours=float(os.environ.get("SHOPRANK_APPROVAL_TIMEOUT_HOURS", "24")))
+    from shoprank.config import get_settings
+
+    return dt.timedelta(hours=get_settings().approval.timeout_hours)
 
 
 def promotion_tasks(registered, auto_promote_allowed: bool = False):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 
 from shoprank.config import ConfigError, get_settings, settings_table
 
@@ -80,6 +81,8 @@ def print_urls(stack, first_time: bool = False) -> None:
         print(f"  {name:<12} {url}")
     print(f"  Airflow login: admin / {secret(stack.settings, 'SHOPRANK_AIRFLOW_ADMIN_PASSWORD')}"
           f"  (kept in {stack.settings.home / 'stack.env'})")
+    print(f"  MLflow login:  admin / {secret(stack.settings, 'MLFLOW_AUTH_ADMIN_PASSWORD')}"
+          f"  (same file; read-only accounts for people: shoprank mlflow-user add NAME)")
     print("  Stop it with: shoprank stack down   (or: make down)")
 
 
@@ -146,12 +149,22 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from shoprank.config import markdown_table
+
     if args.table:
-        print("| Variable | Default | Meaning |\n|---|---|---|")
-        for name, default, doc in settings_table():
-            print(f"| `{name}` | `{default}` | {doc} |")
+        print(markdown_table(), end="")
         return 0
-    print(json.dumps(get_settings().public_dict(), indent=2))
+    settings = get_settings()
+    if args.json:
+        print(json.dumps(settings.public_dict(), indent=2))
+        return 0
+    shown = settings.public_dict()
+    group = None
+    for g, name, env, _value, _info in settings.values():
+        if g != group:
+            print(f"[{g}]")
+            group = g
+        print(f"  {env:<46} {shown[g][name]!s:<40} ({settings.source_of(env)})")
     return 0
 
 
@@ -160,7 +173,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from shoprank.storage import Storage
 
     storage = Storage(get_settings())
-    outcome = validate_partition(storage, args.dataset, args.date, run_id=args.run_id)
+    run_id = args.run_id or f"manual__{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}"
+    outcome = validate_partition(storage, args.dataset, args.date, run_id=run_id)
     print(outcome.summary() if hasattr(outcome, "summary") else outcome)
     return 0
 
@@ -219,9 +233,9 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from shoprank.serving.app import serve
-    from shoprank.stack import prepared_settings
 
-    serve(prepared_settings(), host=args.host, port=args.port)
+    # get_settings, not prepared_settings: serving reads its secrets, it never generates them
+    serve(get_settings(), host=args.host, port=args.port)
     return 0
 
 
@@ -242,97 +256,339 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---- entry -----------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions keep their line breaks (the example lines); an option's help ends with its
+    default unless the help already states it or there is none to state (None, a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or "default" in text.lower() or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class _ProbeFailed(Exception):
+    """A suggested command line did not parse (raised instead of exiting while checking a hint)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus a hint when a positional is given as an option.
+
+    ``shoprank validate --dataset catalog --date D`` fails as argparse says ("unrecognized
+    arguments: --dataset", exit code 2), followed by ``hint: dataset is positional (no --dataset):
+    shoprank validate catalog --date D``.  The suggested command line is printed only if it parses;
+    otherwise the hint shows the usage, positionals in order.  A subcommand reports its own
+    unrecognized arguments (argparse leaves that to the root parser, which does not know the
+    subcommand's positionals), so the usage printed is the subcommand's.
+    """
+
+    _probing = False  # class-wide: set while a suggested command line is being checked
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self._argv: list[str] = []
+        self._subcommand = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subcommand:
+            self.error("unrecognized arguments: " + " ".join(extras))
+        return namespace, extras
+
+    def error(self, message: str):  # type: ignore[override]
+        if _Parser._probing:
+            raise _ProbeFailed(message)
+        hint = self._positional_hint()
+        super().error(f"{message}\n{hint}" if hint else message)
+
+    def _positional_hint(self) -> str | None:
+        import shlex
+
+        positionals = {a.dest for a in self._actions if not a.option_strings and a.dest != argparse.SUPPRESS}
+        known = {s for a in self._actions for s in a.option_strings}
+        for i, token in enumerate(self._argv):
+            if token == "--":
+                break
+            flag, eq, value = token.partition("=")
+            if not flag.startswith("--") or flag in known:
+                continue
+            name = flag[2:].replace("-", "_")
+            if name not in positionals:
+                continue
+            rest = self._argv[:i] + self._argv[i + 1:]
+            candidates = [self._argv[:i] + [value] + self._argv[i + 1:]] if eq else [rest]
+            if not eq and i < len(rest):  # `--path DIR` where DIR landed in another positional's place
+                moved = rest[:i] + rest[i + 1:]
+                candidates += [moved[:j] + [rest[i]] + moved[j:] for j in range(len(moved) + 1)]
+            for fixed in candidates:
+                if self._parses(fixed):
+                    return f"hint: {name} is positional (no {flag}): {self.prog} {shlex.join(fixed)}".rstrip()
+            usage = " ".join(self.format_usage().split()[1:])
+            return f"hint: {name} is positional (no {flag}); give the positionals in this order: {usage}"
+        return None
+
+    def _parses(self, argv: list[str]) -> bool:
+        import contextlib
+        import io
+
+        saved = self._argv
+        _Parser._probing = True
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                self.parse_args(argv)
+            return True
+        except (_ProbeFailed, SystemExit):
+            return False
+        finally:
+            _Parser._probing = False
+            self._argv = saved
+
+
+def _command(sub, name: str, summary: str, description: str, *examples: str) -> _Parser:
+    """A subcommand: ``summary`` in its group's list, ``description`` and example lines in its own --help."""
+    text = textwrap.fill(description, 79)
+    if examples:
+        text += "\n\nexample" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join(f"  {e}" for e in examples)
+    p = sub.add_parser(name, help=summary, description=text, formatter_class=_HelpFormatter)
+    p._subcommand = True
+    return p
+
+
+def _add_date(p: argparse.ArgumentParser, what: str, **kwargs) -> None:
+    p.add_argument("--date", type=_date, metavar="YYYY-MM-DD", help=what, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shoprank", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="shoprank", description=__doc__.splitlines()[0] + "\n\n"
+                     "Every command documents its options, their defaults and formats:\n"
+                     "  shoprank COMMAND --help   (and shoprank COMMAND ACTION --help for stack, registry, events)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at DEBUG level (default: INFO); give it before the command: shoprank -v stack up")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands (shoprank COMMAND --help for each one's options)")
 
-    p = sub.add_parser("stack", help="start/stop/check the embedded local stack (S3, MLflow, Airflow)")
-    p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--services", nargs="*", help="subset of services (default: all)")
-    p.set_defaults(func=cmd_stack)
+    # stack up|down|status
+    p = _command(sub, "stack", "start/stop/check the embedded local stack (S3, MLflow, Airflow)",
+                 "The embedded local stack: an S3-compatible server, MLflow and Airflow as local processes "
+                 "under $SHOPRANK_HOME, each with a health check; secrets are generated once into "
+                 "$SHOPRANK_HOME/stack.env.",
+                 "shoprank stack up", "shoprank stack up --services s3 mlflow", "shoprank stack status")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               title="actions (shoprank stack ACTION --help)")
+    a = _command(actions, "up", "start the services (all by default) and print their URLs and logins",
+                 "Start the services in order, wait for each one's health check and print the URLs and the "
+                 "Airflow and MLflow logins. Services already running are kept.",
+                 "shoprank stack up", "shoprank stack up --services s3 mlflow")
+    from shoprank.stack import SERVICES
 
-    p = sub.add_parser("generate", help="write a synthetic marketplace (catalog, queries, judgments) to S3")
-    p.add_argument("--products", type=int, default=2000)
-    p.add_argument("--queries", type=int, default=600,
-                   help="judged queries (default 600: the test split (20%%) then holds about 120 queries, above the "
-                        "gate's minimum of SHOPRANK_GATE_MIN_TEST_QUERIES=100)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--date", type=_date, default=dt.date.today())
+    a.add_argument("--services", nargs="*", metavar="SERVICE", choices=list(SERVICES),
+                   help=f"services to start, space-separated, from: {', '.join(SERVICES)} (default: all of them)")
+    _command(actions, "down", "stop every service (data is kept)",
+             "Stop every service of the stack; the data under $SHOPRANK_HOME is kept.", "shoprank stack down")
+    _command(actions, "status", "each service's state, pid and log file (exit code 3 if one is unhealthy)",
+             "Print each service's state (healthy, running but unhealthy, stopped), its pid and its log "
+             "file. Exit code 3 when a service is not healthy.", "shoprank stack status")
+    p.set_defaults(func=cmd_stack, services=None)
+
+    p = _command(sub, "generate", "write a synthetic marketplace (catalog, queries, judgments) to S3",
+                 "Write a synthetic marketplace (catalog, queries, relevance judgments) into "
+                 "s3://BUCKET/raw/ partitions of --date, and its parameters (used by `shoprank simulate`).",
+                 "shoprank generate --products 2000 --queries 600 --date 2026-11-01",
+                 "shoprank generate --profile realistic --date 2026-11-01")
+    p.add_argument("--products", type=int, default=2000, metavar="N",
+                   help="catalogue size: number of products, an integer")
+    p.add_argument("--queries", type=int, default=600, metavar="N",
+                   help="judged queries, an integer (default 600: the test split (20%%) then holds about 120 "
+                        "queries, above the gate's minimum of SHOPRANK_GATE_MIN_TEST_QUERIES=100)")
+    p.add_argument("--seed", type=int, default=42, metavar="N",
+                   help="random seed, an integer: the same seed and options write the same marketplace")
+    _add_date(p, "partition date and the marketplace's first day, YYYY-MM-DD (default: today)",
+              default=dt.date.today())
     p.add_argument("--profile", choices=["default", "realistic"], default="default",
                    help="default: the demo's shop (20-40 judgments per query, a third of them irrelevant, "
                         "shoppers who often use other words than the catalogue). realistic: like public "
                         "e-commerce relevance sets (ESCI, WANDS): 8-20 judgments per query sampled from the "
                         "top results of a search engine, mostly relevant; accessories and keyword-stuffed "
-                        "listings that repeat the query's words; brand and model-code queries; fewer synonyms")
-    p.add_argument("--synonym-rate", type=float, default=None,
-                   help="chance that a query uses words the catalogue never uses (BM25 cannot match them); "
-                        "default 0.8 with --profile default, the profile's own rate (0.12) with realistic")
-    p.add_argument("--typo-rate", type=float, default=None,
-                   help="chance that a query has a typo; default 0.3 with --profile default, 0.08 with realistic")
+                        "listings that repeat the query's words; brand and model-code queries; fewer synonyms "
+                        "(default: %(default)s)")
+    p.add_argument("--synonym-rate", type=float, default=None, metavar="RATE",
+                   help="chance that a query uses words the catalogue never uses (BM25 cannot match them), "
+                        "a number from 0 to 1; default 0.8 with --profile default, the profile's own rate "
+                        "(0.12) with realistic")
+    p.add_argument("--typo-rate", type=float, default=None, metavar="RATE",
+                   help="chance that a query has a typo, a number from 0 to 1; default 0.3 with --profile "
+                        "default, 0.08 with realistic")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("import", help="load a public dataset (ESCI, WANDS, Home Depot) into raw/ partitions")
-    p.add_argument("kind", choices=["esci", "wands", "homedepot"])
-    p.add_argument("path", help="folder holding the dataset's files (as published)")
-    p.add_argument("--date", type=_date, required=True, help="partition date; also the products' created_at")
-    p.add_argument("--locale", help="esci only: us (default), es, jp or all")
-    p.add_argument("--large-version", action="store_true", help="esci only: all examples, not only small_version")
-    p.add_argument("--max-queries", type=int, help="keep at most N queries (stable hash) and the products they judge")
+    p = _command(sub, "import", "load a public dataset (ESCI, WANDS, Home Depot) into raw/ partitions",
+                 "Load a public e-commerce relevance dataset, as published, into the raw/ partitions of --date "
+                 "(catalog, queries, judgments); then validate it and trigger shoprank_train for that date.",
+                 "shoprank import esci ~/data/esci --date 2026-11-01 --max-queries 2000",
+                 "shoprank import wands ~/data/WANDS/dataset --date 2026-11-01")
+    p.add_argument("kind", choices=["esci", "wands", "homedepot"],
+                   help="the dataset: esci (Amazon Shopping Queries), wands (Wayfair ANnotation DataSet) or "
+                        "homedepot (Home Depot Product Search Relevance)")
+    p.add_argument("path", help="folder holding the dataset's files, as published (a local path)")
+    _add_date(p, "partition date, YYYY-MM-DD; also the products' created_at (required)", required=True)
+    p.add_argument("--locale", metavar="LOCALE",
+                   help="esci only: the products' locale: us, es, jp or all (default: us)")
+    p.add_argument("--large-version", action="store_true",
+                   help="esci only: all examples, not only the small_version subset (default: off)")
+    p.add_argument("--max-queries", type=int, metavar="N",
+                   help="keep at most N queries (chosen by a stable hash) and the products they judge, an "
+                        "integer (default: all)")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("validate", help="validate one raw partition with Great Expectations")
-    p.add_argument("dataset", choices=["catalog", "judgments", "feedback", "queries"])
-    p.add_argument("--date", type=_date, required=True)
-    p.add_argument("--run-id", default=f"manual__{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}")
+    p = _command(sub, "validate", "validate one raw partition with Great Expectations",
+                 "Validate raw/DATASET/dt=DATE/ with its Great Expectations suite: a valid partition is "
+                 "promoted, an invalid one is quarantined (quarantine/DATASET/dt=DATE/RUN_ID/) and the exit "
+                 "code is non-zero.",
+                 "shoprank validate catalog --date 2026-11-20",
+                 "shoprank validate feedback --date 2026-11-20 --run-id recheck-1")
+    p.add_argument("dataset", choices=["catalog", "judgments", "feedback", "queries"],
+                   help="which raw partition to validate (raw/DATASET/dt=DATE/); a positional: "
+                        "shoprank validate catalog --date ...")
+    _add_date(p, "the partition's date, YYYY-MM-DD (required)", required=True)
+    p.add_argument("--run-id", metavar="ID",
+                   help="names this validation run in the results and the quarantine path; letters, digits "
+                        "and -_.= (others become _) (default: manual__ and the UTC time, e.g. "
+                        "manual__20261120T093000)")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("registry", help="model registry: aliases, audit trail, rollback")
-    p.add_argument("action", choices=["status", "audit", "rollback"])
-    p.add_argument("--target", help="rollback target: a version number or an alias (default: previous)")
-    p.add_argument("--reason", help="recorded in the audit trail")
-    p.add_argument("--actor", help="who does it (default: $USER)")
-    p.set_defaults(func=cmd_registry)
+    # registry status|audit|rollback
+    p = _command(sub, "registry", "model registry: aliases, audit trail, rollback",
+                 "The MLflow model registry of the ranker: which versions hold the champion, challenger and "
+                 "previous aliases, the audit trail of every alias move, and rollback of the champion.",
+                 "shoprank registry status", "shoprank registry audit",
+                 "shoprank registry rollback --target 3 --reason \"NDCG dropped after v4\"")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               title="actions (shoprank registry ACTION --help)")
+    _command(actions, "status", "the versions holding the champion, challenger and previous aliases",
+             "Print the version that holds each alias (champion, challenger, previous), or - for none.",
+             "shoprank registry status")
+    _command(actions, "audit", "the audit trail: every alias move, when, by whom and why",
+             "Print the audit trail, oldest first: time, action, alias, version, actor and reason.",
+             "shoprank registry audit")
+    a = _command(actions, "rollback", "move the champion alias back to an earlier version",
+                 "Move the champion alias back to --target (the current champion becomes previous) and record "
+                 "it in the audit trail. Only a version that was champion before or passed the gate is "
+                 "accepted; an unknown version is refused with the list of known ones.",
+                 "shoprank registry rollback", "shoprank registry rollback --target 3 --reason \"bad v4\"")
+    a.add_argument("--target", metavar="VERSION|ALIAS",
+                   help="the version to make champion: a version number (3) or an alias (previous, "
+                        "challenger) (default: previous)")
+    a.add_argument("--reason", metavar="TEXT", help="why, free text recorded in the audit trail "
+                                                    "(default: \"rollback from CLI\")")
+    a.add_argument("--actor", metavar="NAME", help="who does it, recorded in the audit trail (default: $USER)")
+    p.set_defaults(func=cmd_registry, target=None, reason=None, actor=None)
 
-    p = sub.add_parser("simulate", help="simulate a day of shopper traffic against a ranker and write raw/feedback")
-    p.add_argument("--date", type=_date, required=True)
-    p.add_argument("--sessions", type=int, default=80)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bot-fraction", type=float, default=0.0, help="share of bot-like sessions to inject")
-    p.add_argument("--ranker", choices=["champion", "bm25", "random"], default="champion")
+    p = _command(sub, "simulate", "simulate a day of shopper traffic against a ranker and write raw/feedback",
+                 "Simulate one day of shopper sessions (searches, clicks, add-to-carts, purchases) against a "
+                 "ranker and write them to raw/feedback/dt=DATE/, with that day's catalogue. Needs the "
+                 "marketplace of `shoprank generate`.",
+                 "shoprank simulate --date 2026-11-02 --ranker champion",
+                 "shoprank simulate --date 2026-11-03 --sessions 200 --bot-fraction 0.05")
+    _add_date(p, "the simulated day, YYYY-MM-DD (required)", required=True)
+    p.add_argument("--sessions", type=int, default=80, metavar="N", help="shopper sessions to simulate, an integer")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="random seed of the shoppers' behaviour, an integer")
+    p.add_argument("--bot-fraction", type=float, default=0.0, metavar="SHARE",
+                   help="share of bot-like sessions to inject, a number from 0 to 1 (default: 0, none)")
+    p.add_argument("--ranker", choices=["champion", "bm25", "random"], default="champion",
+                   help="what ranks the results the shoppers see: champion (the registry's @champion model), "
+                        "bm25 (lexical baseline) or random")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("events", help="late events: list days waiting in raw/feedback_late/, merge one into its day")
-    p.add_argument("action", choices=["pending", "merge-late"],
-                   help="pending: list the days with late events; merge-late: move --date's late parts into "
-                        "raw/feedback/dt=DATE/ (then re-run that date)")
-    p.add_argument("--date", type=_date, help="the day whose late events to merge (YYYY-MM-DD)")
-    p.set_defaults(func=cmd_events)
+    # events pending|merge-late
+    p = _command(sub, "events", "late events: list days waiting in raw/feedback_late/, merge one into its day",
+                 "Events that arrive after their day's daily update wait in raw/feedback_late/dt=DATE/. List "
+                 "those days, or move one day's late parts into raw/feedback/dt=DATE/ and then re-run that "
+                 "day's daily update.",
+                 "shoprank events pending", "shoprank events merge-late --date 2026-11-20")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
+                               title="actions (shoprank events ACTION --help)")
+    _command(actions, "pending", "list the days with late events waiting",
+             "List the raw/feedback_late/dt=DATE/ prefixes that hold late events.", "shoprank events pending")
+    a = _command(actions, "merge-late", "move one day's late events into raw/feedback/dt=DATE/",
+                 "Move --date's late parts from raw/feedback_late/ into raw/feedback/dt=DATE/; then re-run "
+                 "that day's daily update (Airflow UI: Clear its run) to validate them with the rest of "
+                 "the day.", "shoprank events merge-late --date 2026-11-20")
+    _add_date(a, "the day whose late events to merge, YYYY-MM-DD (required)", required=True)
+    p.set_defaults(func=cmd_events, date=None)
 
-    p = sub.add_parser("config", help="print the resolved settings (no secrets)")
-    p.add_argument("--table", action="store_true", help="print the README configuration table")
+    p = _command(sub, "config", "print every setting, its value (secrets hidden) and where it came from",
+                 "Print every setting by group: its environment variable, its value (secrets hidden) and "
+                 "where it came from (the environment, a file, or the default).",
+                 "shoprank config", "shoprank config --json", "shoprank config --table > table.md")
+    p.add_argument("--table", action="store_true",
+                   help="print the README configuration table instead, in Markdown (default: off)")
+    p.add_argument("--json", action="store_true",
+                   help="print the resolved values as JSON, by group, secrets hidden (default: off)")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("serve", help="ranking API: POST /rank with @champion, POST /events, GET /metrics")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = _command(sub, "serve", "ranking API: POST /rank with @champion, POST /events, GET /metrics",
+                 "Run the ranking API with uvicorn: POST /rank ranks with the registry's @champion, POST "
+                 "/events takes shopper events, GET /metrics serves Prometheus metrics (docs/serving.md). "
+                 "Ctrl-C flushes buffered events first.",
+                 "shoprank serve --port 8000", "shoprank serve --host 0.0.0.0 --port 8080")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDRESS",
+                   help="address to listen on, an IP address or host name (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, metavar="PORT", help="TCP port to listen on, an integer")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="export a model version to ONNX fp32 + int8, checked against PyTorch")
-    p.add_argument("--version", default="champion", help="a version number or an alias (default: champion)")
-    p.add_argument("--force", action="store_true", help="re-export a version that was already exported")
-    p.add_argument("--tolerance", type=float,
-                   help="max |NDCG@10 delta| vs PyTorch (default: SHOPRANK_EXPORT_MAX_NDCG_DELTA, 0.005)")
+    p = _command(sub, "export", "export a model version to ONNX fp32 + int8, checked against PyTorch",
+                 "Export a registered model version to ONNX (fp32 and int8), check each against PyTorch on the "
+                 "test split of the version's data snapshot, log the accepted ones to its MLflow run and tag "
+                 "the version with the result. Exit code 3 if none is accepted.", "shoprank export", "shoprank export --version 3 --force --tolerance 0.01")
+    p.add_argument("--version", default="champion", metavar="VERSION|ALIAS",
+                   help="the model version: a version number (3) or an alias (champion, challenger, previous) "
+                        "(default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="export again a version that was already exported (default: off)")
+    p.add_argument("--tolerance", type=float, metavar="DELTA",
+                   help="largest accepted |NDCG@10 difference| to PyTorch, a number such as 0.005 "
+                        "(default: SHOPRANK_EXPORT_MAX_NDCG_DELTA, 0.005)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the whole story on the embedded stack (see README)")
-    p.add_argument("--days", type=int, default=3, help="simulated days of traffic and daily updates (default 3)")
-    p.add_argument("--products", type=int, default=1500, help="catalogue size of the synthetic shop (default 1500)")
-    p.add_argument("--queries", type=int, default=600,
-                   help="judged queries (default 600: a golden test split of ~120 queries, above the gate's "
-                        "SHOPRANK_GATE_MIN_TEST_QUERIES=100)")
+    p = _command(sub, "mlflow-user", "MLflow accounts: add a person's read-only login (the admin creates it)",
+                 "MLflow accounts for people: `add USERNAME` creates a read-only login, with the admin "
+                 "account of stack.env / .env, and prints its password once.",
+                 "shoprank mlflow-user add alice")
+    p.add_argument("action", choices=["add"], help="add: create a read-only login")
+    p.add_argument("username", help="the login name to create, e.g. alice")
+    p.set_defaults(func=cmd_mlflow_user)
+
+    p = _command(sub, "demo", "the whole story on the embedded stack (see README)",
+                 "The whole story on the embedded stack: start it, generate a synthetic shop, train and "
+                 "promote a ranker through Airflow, then simulate --days days of traffic, each followed by a "
+                 "daily update. The stack is left running (shoprank stack down stops it).",
+                 "shoprank demo", "shoprank demo --days 1 --products 800 --queries 300")
+    p.add_argument("--days", type=int, default=3, metavar="N",
+                   help="simulated days of traffic and daily updates, an integer")
+    p.add_argument("--products", type=int, default=1500, metavar="N",
+                   help="catalogue size of the synthetic shop, an integer")
+    p.add_argument("--queries", type=int, default=600, metavar="N",
+                   help="judged queries, an integer (default 600: a golden test split of ~120 queries, above "
+                        "the gate's SHOPRANK_GATE_MIN_TEST_QUERIES=100)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _debug() -> bool:
+    """SHOPRANK_DEBUG: full tracebacks (read without failing on a bad setting: that is what is reported)."""
+    try:
+        return get_settings().general.debug
+    except ConfigError:
+        return False
+
+
+def cmd_mlflow_user(args: argparse.Namespace) -> int:
+    from shoprank.mlflow_auth import main as mlflow_auth_main
+
+    return mlflow_auth_main(["add-user", args.username])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,9 +596,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        from shoprank.mlflow_auth import export_credentials
+
+        export_credentials()  # MLflow's client reads its login from os.environ only
         return args.func(args)
     except _user_errors() as exc:
-        if os.environ.get("SHOPRANK_DEBUG"):
+        if _debug():
             raise
         print(f"shoprank: error: {exc}", file=sys.stderr)
         return 2

@@ -47,8 +47,7 @@ DAG_ID = "shoprank_daily_update"
 
 @dataclass(frozen=True)
 class UpdatePolicy:
-    """Env: SHOPRANK_DAILY_REPLAY_RATIO, _HOLDOUT_FRACTION, _MAX_HOLDOUT_ROWS,
-    _FULL_RETRAIN_EVERY_DAYS, _MIN_PAIRS, _MAX_STEPS (warm), _FULL_MAX_STEPS, _WAIT_HOURS."""
+    """The daily update's policy; :meth:`from_env` reads the settings tree's ``daily`` group."""
 
     replay_ratio: float = 0.5
     holdout_fraction: float = 0.2
@@ -63,19 +62,16 @@ class UpdatePolicy:
     wait_hours: float = 6.0
 
     @classmethod
-    def from_env(cls) -> "UpdatePolicy":
-        e = os.environ
-        return cls(
-            replay_ratio=float(e.get("SHOPRANK_DAILY_REPLAY_RATIO", cls.replay_ratio)),
-            holdout_fraction=float(e.get("SHOPRANK_DAILY_HOLDOUT_FRACTION", cls.holdout_fraction)),
-            max_holdout_rows=int(e.get("SHOPRANK_DAILY_MAX_HOLDOUT_ROWS", cls.max_holdout_rows)),
-            full_retrain_every_days=int(e.get("SHOPRANK_DAILY_FULL_RETRAIN_EVERY_DAYS", cls.full_retrain_every_days)),
-            min_pairs=int(e.get("SHOPRANK_DAILY_MIN_PAIRS", cls.min_pairs)),
-            warm_steps=int(e.get("SHOPRANK_DAILY_MAX_STEPS", cls.warm_steps)),
-            full_steps=int(e.get("SHOPRANK_DAILY_FULL_MAX_STEPS", cls.full_steps)),
-            seed=int(e.get("SHOPRANK_SEED", cls.seed)),
-            wait_hours=float(e.get("SHOPRANK_DAILY_WAIT_HOURS", cls.wait_hours)),
-        )
+    def from_env(cls, settings: Settings | None = None) -> "UpdatePolicy":
+        """The policy of the settings tree's ``daily`` group (``SHOPRANK_DAILY_*``)."""
+        from shoprank.config import get_settings
+
+        settings = settings or get_settings()
+        d = settings.daily
+        return cls(replay_ratio=d.replay_ratio, holdout_fraction=d.holdout_fraction,
+                   max_holdout_rows=d.max_holdout_rows, full_retrain_every_days=d.full_retrain_every_days,
+                   min_pairs=d.min_pairs, warm_steps=d.max_steps, full_steps=d.full_max_steps,
+                   seed=settings.seed, wait_hours=d.wait_hours)
 
     def feedback_wait(self) -> FeedbackWait:
         """Poke every 10 minutes; the sensor's own timeout is a backstop (the readiness rule

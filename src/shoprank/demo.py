@@ -21,6 +21,7 @@ corrupted day that got through) makes it exit non-zero, with the reason.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import time
 
@@ -171,6 +172,7 @@ DEMO_PROFILE = "realistic"
 def run_demo(days: int = 3, products: int = 1500, queries: int = 600, keep_running: bool = True) -> int:
     """The whole story; returns the exit code (0 unless something is broken). Never raises."""
     t0 = time.monotonic()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars between the story's lines
     try:
         return _story(days, products, queries, keep_running)
     except KeyboardInterrupt:

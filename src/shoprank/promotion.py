@@ -25,21 +25,8 @@ that names it; nothing defaults to "passed".
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Mapping
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    return float(raw) if raw not in (None, "") else default
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -66,18 +53,16 @@ class GatePolicy:
     auto_promote_max_slice_regression: float = 0.02  # no slice's delta vs champion below -this
 
     @classmethod
-    def from_env(cls) -> "GatePolicy":
-        return cls(
-            must_beat_bm25=_env_bool("SHOPRANK_GATE_MUST_BEAT_BM25", True),
-            max_regression_vs_champion=_env_float("SHOPRANK_GATE_MAX_REGRESSION", 0.01),
-            min_test_queries=int(_env_float("SHOPRANK_GATE_MIN_TEST_QUERIES", 100)),
-            latency_candidates=int(_env_float("SHOPRANK_GATE_LATENCY_CANDIDATES", 50)),
-            max_latency_ms=_env_float("SHOPRANK_GATE_MAX_LATENCY_MS", 4000.0),
-            max_latency_ratio=_env_float("SHOPRANK_GATE_MAX_LATENCY_RATIO", 1.25),
-            auto_promote=_env_bool("SHOPRANK_AUTO_PROMOTE", False),
-            auto_promote_min_gain=_env_float("SHOPRANK_AUTO_PROMOTE_MIN_GAIN", 0.0),
-            auto_promote_max_slice_regression=_env_float("SHOPRANK_AUTO_PROMOTE_MAX_SLICE_REGRESSION", 0.02),
-        )
+    def from_env(cls, settings=None) -> "GatePolicy":
+        """The policy of the settings tree's ``gate`` group (``SHOPRANK_GATE_*``, ``SHOPRANK_AUTO_PROMOTE*``)."""
+        from shoprank.config import get_settings
+
+        g = (settings or get_settings()).gate
+        return cls(must_beat_bm25=g.must_beat_bm25, max_regression_vs_champion=g.max_regression,
+                   min_test_queries=g.min_test_queries, latency_candidates=g.latency_candidates,
+                   max_latency_ms=g.max_latency_ms, max_latency_ratio=g.max_latency_ratio,
+                   auto_promote=g.auto_promote, auto_promote_min_gain=g.auto_promote_min_gain,
+                   auto_promote_max_slice_regression=g.auto_promote_max_slice_regression)
 
 
 @dataclass

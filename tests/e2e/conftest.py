@@ -2,7 +2,6 @@
 MLflow, started once per test session on free ports, driven only over Airflow's REST API."""
 
 import datetime as dt
-import os
 
 import pytest
 
@@ -25,26 +24,45 @@ E2E_ENV = {
 TINY_TRAIN = {"epochs": 1, "max_steps": 6, "batch_size": 8, "max_length": 32, "accelerator": "cpu"}
 
 
+# Put where a user puts policy: in .env. The stack hands the resolved settings to every Airflow
+# process, so these reach the DAG files and tasks (the gate would refuse the tiny model without
+# them). Only alice may answer approvals; bob is an Airflow admin but not an approver.
+E2E_DOTENV = {**E2E_ENV, "SHOPRANK_APPROVERS": "alice",
+              "SHOPRANK_AIRFLOW_USERS": "admin:admin,alice:user,bob:admin"}
+
+
 @pytest.fixture(scope="session")
-def airflow_stack(stack_settings, tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in E2E_ENV}
-    os.environ.update(E2E_ENV)
-    stack = Stack(stack_settings)
+def airflow_stack(stack_env, tmp_path_factory):
+    from shoprank.stack import prepared_settings
+
+    dotenv = tmp_path_factory.mktemp("e2e-dotenv") / ".env"
+    dotenv.write_text("".join(f"{k}={v}\n" for k, v in E2E_DOTENV.items()))
+    settings = prepared_settings({**stack_env, "SHOPRANK_ENV_FILE": str(dotenv)})
+    assert settings.approval.names == ["alice"] and settings.source_of("SHOPRANK_APPROVERS").startswith(".env")
+    stack = Stack(settings)
     try:
         stack.up(progress=lambda m: None)
         yield stack
     finally:
         stack.down(progress=lambda m: None)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
 def airflow(airflow_stack):
+    """The admin (triggers runs, reads states; not an approver)."""
     return client_for(airflow_stack.settings)
+
+
+@pytest.fixture(scope="session")
+def approver(airflow_stack):
+    """alice, the one user in SHOPRANK_APPROVERS."""
+    return client_for(airflow_stack.settings, user="alice")
+
+
+@pytest.fixture(scope="session")
+def bystander(airflow_stack):
+    """bob: an Airflow admin who is not an approver."""
+    return client_for(airflow_stack.settings, user="bob")
 
 
 @pytest.fixture(scope="session")

@@ -19,45 +19,65 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TRAIN = "shoprank_train"
 
 
-def _train_run(airflow, day, option):
+def _train_run(airflow, approver, day, option, bystander=None):
+    """Triggered by the admin; answered by alice (SHOPRANK_APPROVERS=alice in the stack's .env).
+    With ``bystander``: bob (an Airflow admin, not an approver) tries first and is refused."""
     airflow.wait_for_dag(TRAIN)
     airflow.unpause(TRAIN)
     run_id = airflow.trigger(TRAIN, conf={**TINY_TRAIN, "data_date": day.isoformat()})["dag_run_id"]
-    answer_approval(airflow, TRAIN, run_id, option, f"e2e test: {option}", progress=lambda m: None)
+    if bystander is not None:
+        with pytest.raises(AirflowAPIError) as refused:
+            answer_approval(bystander, TRAIN, run_id, option, "bob tries", progress=lambda m: None)
+        assert refused.value.status == 403 and "not a respondent" in refused.value.body
+    answer_approval(approver, TRAIN, run_id, option, f"e2e test: {option}", progress=lambda m: None)
     final = airflow.wait_for_run(TRAIN, run_id, timeout=900)
     return run_id, final, airflow.task_states(TRAIN, run_id)
 
 
-def test_approve_reject_and_rollback(airflow, airflow_stack, market_day):
+def test_approve_reject_and_rollback(airflow, approver, bystander, airflow_stack, market_day):
     settings = airflow_stack.settings
     registry = Registry(settings, Storage(settings))
 
-    run1, final, states = _train_run(airflow, market_day, "Approve")
+    run1, final, states = _train_run(airflow, approver, market_day, "Approve", bystander=bystander)
     assert final["state"] == "success", states
     assert states["promote"] == "success" and states["record_decision"] == "success"
     assert states["export"] == "success"  # ONNX export of the new champion (accepted or refused, recorded)
     v1 = registry.version_by_alias("champion").version
     assert registry.tags(v1)["export.status"] in ("exported", "partial", "refused")
     tags = registry.tags(v1)
-    assert tags["promoted_by"] == "admin"
+    assert tags["promoted_by"] == "alice"
     assert tags["promoted_from_airflow_run"] == run1
     assert float(tags["ndcg_at_10"]) > 0 and "delta_ndcg_at_10_vs_bm25_lo" in tags
     assert tags["gate_eligible"] == "true"
+    # MLflow 3: the evaluation metrics are on the LoggedModel too, measured on the snapshot's test
+    # split, which is an input of the run (the "Datasets" of the run page) with the training splits
+    from mlflow import MlflowClient
 
-    run2, final, states = _train_run(airflow, market_day, "Approve")
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    run = client.get_run(tags["mlflow_run_id"])
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{run.info.run_id}'")
+    on_model = {m.key: m for m in model.metrics or []}
+    assert on_model["ndcg_at_10"].value == pytest.approx(float(tags["ndcg_at_10"]), abs=1e-6)
+    assert on_model["ndcg_at_10"].dataset_name == f"{tags['data_snapshot']}/test"
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in run.inputs.dataset_inputs}
+    assert {f"{tags['data_snapshot']}/{s}" for s in ("train", "val", "test")} <= set(inputs)
+    assert inputs[f"{tags['data_snapshot']}/test"]["mlflow.data.context"] == "evaluation"
+
+    run2, final, states = _train_run(airflow, approver, market_day, "Approve")
     assert final["state"] == "success", states
     v2 = registry.version_by_alias("champion").version
     assert v2 != v1
     assert registry.version_by_alias("previous").version == v1
     assert registry.tags(v2)["champion_compared"] == v1  # evaluated against the champion of the day
 
-    run3, final, states = _train_run(airflow, market_day, "Reject")
+    run3, final, states = _train_run(airflow, approver, market_day, "Reject")
     assert final["state"] == "success", states
     assert states["promote"] == "skipped" and states["record_decision"] == "success"
     assert states["export"] == "skipped"  # nothing promoted, nothing exported
     v3 = registry.version_by_alias("challenger").version
     assert registry.version_by_alias("champion").version == v2  # untouched
-    assert registry.tags(v3)["rejected_by"] == "admin"
+    assert registry.tags(v3)["rejected_by"] == "alice"
     assert registry.tags(v3)["rejection_reason"] == "e2e test: Reject"
 
     airflow.unpause("shoprank_rollback")
@@ -71,8 +91,78 @@ def test_approve_reject_and_rollback(airflow, airflow_stack, market_day):
 
     trail = [(r["action"], r["alias"], r["version"], r["actor"]) for r in registry.audit_trail()
              if r["alias"] == "champion" or r["action"] == "reject"]
-    assert trail == [("set_alias", "champion", v1, "admin"), ("set_alias", "champion", v2, "admin"),
-                     ("reject", "challenger", v3, "admin"), ("rollback", "champion", v1, "admin")]
+    assert trail == [("set_alias", "champion", v1, "alice"), ("set_alias", "champion", v2, "alice"),
+                     ("reject", "challenger", v3, "alice"), ("rollback", "champion", v1, "admin")]
+
+
+def test_extra_links_lead_to_mlflow_and_the_data_docs(airflow, airflow_stack):
+    """The plugin's extra links (plugins/shoprank_links.py), read over REST from the latest
+    successful training run that had a champion to compare with (the last one above), each
+    followed to a 200 with the pipeline's MLflow login; what they point at exists in MLflow."""
+    import json
+    import re
+    import urllib.parse
+
+    import requests
+
+    from shoprank import links
+
+    settings = airflow_stack.settings
+    login = (settings.mlflow_tracking_username, settings.mlflow_tracking_password)
+    api = settings.mlflow_tracking_uri.rstrip("/")
+
+    def get(path_or_url: str, **params) -> requests.Response:
+        url = path_or_url if path_or_url.startswith("http") else api + path_or_url
+        return requests.get(url, params=params, auth=login, timeout=30)
+
+    def run_exists(run_uuid: str, experiment_id: str | None = None) -> None:
+        resp = get("/api/2.0/mlflow/runs/get", run_id=run_uuid)
+        assert resp.status_code == 200, resp.text
+        if experiment_id:
+            assert resp.json()["run"]["info"]["experiment_id"] == experiment_id
+
+    registry = Registry(settings, Storage(settings))
+    versions = {v.tags.get("airflow.run_id"): v for v in registry.client.search_model_versions(
+        f"name='{registry.name}'")}
+    done = sorted((r for r in airflow.runs(TRAIN) if r["state"] == "success" and r["dag_run_id"] in versions),
+                  key=lambda r: r["start_date"] or "", reverse=True)
+    assert done, "no successful shoprank_train run"
+    compared = [r for r in done if versions[r["dag_run_id"]].tags.get("champion_compared") not in (None, "", "none")]
+    run_id = (compared or done)[0]["dag_run_id"]
+    expected = {"validate_catalog": {links.DATA_DOCS}, "train": {links.MLFLOW_RUN, links.MODEL_VERSION},
+                "evaluate": {links.MLFLOW_RUN, links.MODEL_VERSION},
+                "register": {links.MLFLOW_RUN, links.MODEL_VERSION}, "approve": {links.COMPARE}}
+    for task_id, names in expected.items():
+        got = airflow.extra_links(TRAIN, run_id, task_id)
+        if task_id == "approve" and not compared:  # a first model: nothing to compare with, no button
+            assert got == {links.COMPARE: None}, got
+            continue
+        for name in names:
+            url = got.get(name)
+            assert url and url.startswith(api + "/#/"), (task_id, name, got)
+            page, _, route = url.partition("#")
+            ui = get(page)  # the MLflow UI; the route after '#' is the browser's
+            assert ui.status_code == 200 and "<html" in ui.text.lower(), (task_id, name, ui.status_code)
+            if name == links.MLFLOW_RUN:
+                exp, run = re.fullmatch(r"/experiments/([^/]+)/runs/([^/]+)", route).groups()
+                run_exists(run, exp)
+            elif name == links.MODEL_VERSION:
+                model, version = re.fullmatch(r"/models/([^/]+)/versions/([^/]+)", route).groups()
+                resp = get("/api/2.0/mlflow/model-versions/get", name=urllib.parse.unquote(model), version=version)
+                assert resp.status_code == 200, resp.text
+                tags = {t["key"]: t["value"] for t in resp.json()["model_version"].get("tags", [])}
+                assert tags["airflow.run_id"] == run_id  # the version this DAG run registered
+            elif name == links.DATA_DOCS:
+                exp, run, path = re.fullmatch(r"/experiments/([^/]+)/runs/([^/]+)/artifacts/(.+)", route).groups()
+                run_exists(run, exp)
+                doc = get("/get-artifact", path=urllib.parse.unquote(path), run_uuid=run)
+                assert doc.status_code == 200 and "<html" in doc.text.lower(), (path, doc.status_code)
+            elif name == links.COMPARE:
+                query = urllib.parse.parse_qs(route.partition("?")[2])
+                side_by_side = json.loads(query["runs"][0])
+                assert len(side_by_side) == 2, side_by_side  # the challenger and the champion of that day
+                for run in side_by_side:
+                    run_exists(run)
 
 
 def test_answering_twice_is_refused(airflow, market_day):
@@ -89,17 +179,17 @@ def test_answering_twice_is_refused(airflow, market_day):
 DAILY = "shoprank_daily_update"
 
 
-def _daily_run(airflow, day, answer="Approve"):
+def _daily_run(airflow, day, answer="Approve", approver=None):
     airflow.wait_for_dag(DAILY)
     airflow.unpause(DAILY)
     run_id = airflow.trigger(DAILY, logical_date=f"{day.isoformat()}T00:00:00+00:00")["dag_run_id"]
     if answer:
-        answer_approval(airflow, DAILY, run_id, answer, f"e2e daily: {answer}", progress=lambda m: None)
+        answer_approval(approver, DAILY, run_id, answer, f"e2e daily: {answer}", progress=lambda m: None)
     final = airflow.wait_for_run(DAILY, run_id, timeout=900)
     return run_id, final, airflow.task_states(DAILY, run_id)
 
 
-def test_daily_update_warm_starts_from_champion_and_is_idempotent(airflow, airflow_stack, market_day):
+def test_daily_update_warm_starts_from_champion_and_is_idempotent(airflow, approver, airflow_stack, market_day):
     """Runs after the train test (same module): a champion exists."""
     import datetime as dt
 
@@ -115,7 +205,7 @@ def test_daily_update_warm_starts_from_champion_and_is_idempotent(airflow, airfl
     out = simulate_and_write(settings, day, n_sessions=40, seed=1, ranker="champion")
     assert out["model_version"] == champion and out["by_type"]["click"] > 0
 
-    run_id, final, states = _daily_run(airflow, day)
+    run_id, final, states = _daily_run(airflow, day, approver=approver)
     assert final["state"] == "success", states
     assert states["validate_catalog"] == "success"  # the day's catalogue (new products) came first
     new = registry.version_by_alias("champion").version

@@ -3,7 +3,6 @@ Airflow connection `shoprank_s3` (real Airflow, SQLite metadata DB)."""
 
 import subprocess
 import uuid
-from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -21,7 +20,7 @@ def airflow_db(s3_server):
 
 
 def test_inventory_dag_reads_s3(airflow_db):
-    settings = replace(airflow_db, bucket=f"inv-{uuid.uuid4().hex[:10]}")  # nothing else writes here
+    settings = airflow_db.replaced(bucket=f"inv-{uuid.uuid4().hex[:10]}")  # nothing else writes here
     storage = Storage(settings)
     storage.ensure_bucket()
     storage.write_partition(pd.DataFrame({"product_id": ["a", "b", "c"]}), "raw", "catalog", "2026-11-03")
@@ -50,7 +49,7 @@ def dags_test_airflow(mlflow_server, tmp_path):
     (home / "stack.env").write_text(f"AWS_ACCESS_KEY_ID={key}\nAWS_SECRET_ACCESS_KEY={secret_key}\n")
     (home / "stack.env").chmod(0o600)
     port = free_port()
-    settings = replace(mlflow_server, home=home, airflow_port=port, airflow_url=f"http://127.0.0.1:{port}",
+    settings = mlflow_server.replaced(home=home, airflow_port=port, airflow_url=f"http://127.0.0.1:{port}",
                        bucket=f"daily-{uuid.uuid4().hex[:8]}", registered_model=f"daily-dags-test-{uuid.uuid4().hex[:6]}")
     stack = Stack(settings)
     stack.up(("airflow-api-server",), progress=lambda _m: None)  # answers the approval over REST

@@ -3,8 +3,6 @@ traffic that covers the golden val/test queries, the snapshot as ``prepare_updat
 
 import datetime as dt
 import uuid
-from dataclasses import replace
-
 import pytest
 
 from shoprank.daily import UpdatePolicy, prepare_update
@@ -20,7 +18,7 @@ DAY0 = dt.date(2026, 10, 1)
 
 
 def test_daily_snapshot_shares_no_query_with_golden_val_test_or_holdout(mlflow_server, storage):
-    settings = replace(mlflow_server, bucket=storage.bucket, registered_model=f"leak-{uuid.uuid4().hex[:6]}")
+    settings = mlflow_server.replaced(bucket=storage.bucket, registered_model=f"leak-{uuid.uuid4().hex[:6]}")
     market = generate_marketplace(n_products=300, n_queries=60, seed=5, start=DAY0)
     market.write_to_storage(storage, DAY0)
     save_marketplace_params(storage, n_products=300, n_queries=60, seed=5, start=DAY0.isoformat())

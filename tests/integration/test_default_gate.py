@@ -9,8 +9,6 @@ import datetime as dt
 import json
 import os
 import uuid
-from dataclasses import replace
-
 import pytest
 
 from shoprank.data.synthetic import generate_marketplace
@@ -35,7 +33,7 @@ def default_policy(monkeypatch):
 def test_trained_model_passes_the_default_gate_and_an_untrained_head_is_refused(
         mlflow_server, storage, default_policy, tmp_path):
     tag = uuid.uuid4().hex[:6]
-    settings = replace(mlflow_server, bucket=storage.bucket, registered_model=f"gate-{tag}",
+    settings = mlflow_server.replaced(bucket=storage.bucket, registered_model=f"gate-{tag}",
                        mlflow_experiment=f"gate-{tag}")
     # the realistic shop of bench/README.md "Ranking recipe" (mostly relevant judgment lists,
     # lexical distractors), trained with the train form's default recipe

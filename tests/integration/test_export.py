@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -36,7 +35,7 @@ def toy_test(toy_ranking_split):
 
 @pytest.fixture()
 def env(mlflow_server, storage, toy_test):
-    settings = replace(mlflow_server, registered_model=f"export-test-{uuid.uuid4().hex[:6]}")
+    settings = mlflow_server.replaced(registered_model=f"export-test-{uuid.uuid4().hex[:6]}")
     storage.write_parquet(toy_test(n_queries=12, n_candidates=15, seed=5), "datasets/snap-1/test.parquet")
     return settings, storage
 

@@ -126,14 +126,12 @@ def test_train_task_on_a_node_without_rank_0_reexports_from_s3(storage, mlflow_s
     must still finish: it finds the run marked complete in S3 and re-exports it locally.
     """
     import threading
-    from dataclasses import replace
-
     from shoprank.storage import checkpoint_prefix, dataset_prefix
     from shoprank.workflow import Lineage, train_model
 
     endpoint = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("SHOPRANK_RDZV_ENDPOINT", endpoint)  # as on every GPU worker of the job
-    settings = replace(storage.settings, mlflow_tracking_uri=mlflow_server.mlflow_tracking_uri,
+    settings = storage.settings.replaced(mlflow_tracking_uri=mlflow_server.mlflow_tracking_uri,
                        mlflow_experiment=f"multinode-{time.time_ns()}")
     storage.write_parquet(toy_pairs(16, 4, seed=0), f"{dataset_prefix('toy-mn')}train.parquet")
     storage.write_parquet(toy_pairs(4, 4, seed=1), f"{dataset_prefix('toy-mn')}val.parquet")

@@ -1,8 +1,6 @@
 """Registry aliases, promotion, rejection, rollback and audit on a real MLflow server + S3."""
 
 import uuid
-from dataclasses import replace
-
 import mlflow
 import pytest
 
@@ -19,7 +17,7 @@ class _Const(mlflow.pyfunc.PythonModel):
 
 @pytest.fixture()
 def registry(mlflow_server):
-    settings = replace(mlflow_server, registered_model=f"reg-test-{uuid.uuid4().hex[:6]}")
+    settings = mlflow_server.replaced(registered_model=f"reg-test-{uuid.uuid4().hex[:6]}")
     return Registry(settings, Storage(settings))
 
 

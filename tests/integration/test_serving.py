@@ -7,8 +7,6 @@ import datetime as dt
 import json
 import time
 import uuid
-from dataclasses import replace
-
 import mlflow
 import pandas as pd
 import pytest
@@ -18,7 +16,7 @@ from shoprank.data.contracts import CATALOG, FEEDBACK
 from shoprank.data.simulator import pseudonymise
 from shoprank.registry import Registry
 from shoprank.serving.app import ServeConfig, create_app
-from shoprank.stack import secret
+from shoprank.serving.auth import ServeAuth, user_hash_key
 from shoprank.storage import Storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -64,6 +62,11 @@ def _tiny_model_dir(path, seed: int):
     return path
 
 
+def _auth(settings) -> dict[str, str]:
+    """The events token the app reads (the stack's generated stack.env), as a request header."""
+    return {"Authorization": f"Bearer {ServeAuth.from_env(home=settings.home).events_token}"}
+
+
 def _move_champion(registry: Registry, version: str) -> None:
     """Move @champion directly on the MLflow server (the gate/approval rules are not under test here)."""
     registry.client.set_registered_model_alias(registry.name, "champion", version)
@@ -75,7 +78,7 @@ def served(mlflow_server, tmp_path_factory):
     from shoprank.mlflow_model import log_cross_encoder
     from shoprank.serving.export import export
 
-    settings = replace(mlflow_server, bucket=f"serve-{uuid.uuid4().hex[:10]}",
+    settings = mlflow_server.replaced(bucket=f"serve-{uuid.uuid4().hex[:10]}",
                        registered_model=f"serve-test-{uuid.uuid4().hex[:6]}")
     storage = Storage(settings)
     storage.ensure_bucket()
@@ -115,7 +118,7 @@ def test_serves_exported_champion_and_reloads_after_alias_move(served):
     settings, storage, registry, (v1, v2), day = served
     app = create_app(settings, config=ServeConfig(poll_seconds=1.0, backend="onnx-int8"))
     query = {"query": "red shoes", "product_ids": ["p0", "p1", "p5", "p10", "p15"]}
-    with TestClient(app) as client:
+    with TestClient(app, headers=_auth(settings)) as client:
         first = client.post("/rank", json=query)
         assert first.status_code == 200, first.text
         body = first.json()
@@ -152,7 +155,7 @@ def test_events_land_in_real_s3_flushed_on_shutdown_and_pass_validation(served):
                                                   events_grace_minutes=1))
     ts = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)).replace(microsecond=0).isoformat()
     day = ts[:10]
-    with TestClient(app) as client:
+    with TestClient(app, headers=_auth(settings)) as client:
         body = client.post("/rank", json={"query": "red shoes", "product_ids": ["p0", "p1", "p5"],
                                           "session_id": "sess-1"}).json()
         events = _events(body, ts)
@@ -164,7 +167,7 @@ def test_events_land_in_real_s3_flushed_on_shutdown_and_pass_validation(served):
     assert len(parts) == 1 and parts[0].split("/")[-1].startswith("part-") and f"raw/feedback/dt={day}/_SUCCESS" in keys
     stored = storage.read_partition("raw", "feedback", day)
     assert sorted(stored["event_id"]) == sorted(e["event_id"] for e in events)
-    key = secret(settings, "SHOPRANK_USER_HASH_KEY")
+    key = user_hash_key(home=settings.home)
     assert set(stored["user_id"]) == {pseudonymise("shopper-42", key)}
     assert set(stored["model_version"]) == {champion} and set(stored["arm"]) == {"champion"}
     assert list(stored.columns) == FEEDBACK.all_names
@@ -176,14 +179,15 @@ def test_events_land_in_real_s3_flushed_on_shutdown_and_pass_validation(served):
 
 def test_bad_requests_get_4xx_and_write_nothing(served):
     settings, storage, _registry, _versions, _day = served
-    fresh = replace(settings, bucket=f"serve-bad-{uuid.uuid4().hex[:8]}")
+    fresh = settings.replaced(bucket=f"serve-bad-{uuid.uuid4().hex[:8]}")
     Storage(fresh).ensure_bucket()
     Storage(fresh).write_partition(_catalog(_day), "validated", "catalog", _day)
     app = create_app(fresh, config=ServeConfig(poll_seconds=60, backend="torch"))
     ts = dt.datetime.now(dt.timezone.utc).isoformat()
     good = {"event_id": "e1", "ts": ts, "request_id": "r1", "session_id": "s1", "user_id": "u1", "query": "q",
             "product_id": "p1", "position": 1, "event_type": "click"}
-    with TestClient(app) as client:
+    with TestClient(app, headers=_auth(settings)) as client:
+        assert client.post("/events", json={"events": [good]}, headers={"Authorization": ""}).status_code == 401
         r = client.post("/events", json={"events": [good, {**good, "event_id": "e2", "event_type": "like"},
                                                     {**good, "event_id": "e3", "position": 0}]})
         assert r.status_code == 422

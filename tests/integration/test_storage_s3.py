@@ -1,7 +1,4 @@
 """Storage against a real S3 server over HTTP (rclone serve s3)."""
-
-from dataclasses import replace
-
 import pandas as pd
 import pytest
 
@@ -30,7 +27,7 @@ def test_partition_rewrite_replaces_old_parts(storage):
 
 
 def test_wrong_credentials_are_rejected(storage):
-    bad = Storage(replace(storage.settings, aws_secret_access_key="not-the-secret"))
+    bad = Storage(storage.settings.replaced(aws_secret_access_key="not-the-secret"))
     with pytest.raises(StorageError, match="refused the credentials"):
         bad.list_keys("raw/")
 
@@ -43,6 +40,6 @@ def test_missing_object_is_a_clear_error(storage):
 def test_unreachable_endpoint_is_a_clear_error(storage):
     from shoprank.stack import free_port
 
-    dead = Storage(replace(storage.settings, s3_endpoint_url=f"http://127.0.0.1:{free_port()}"))
+    dead = Storage(storage.settings.replaced(s3_endpoint_url=f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(StorageError, match="cannot reach S3"):
         dead.exists("x")

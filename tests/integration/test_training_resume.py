@@ -225,7 +225,7 @@ def test_retry_after_a_killed_ddp_job_resumes_from_s3(storage, mlflow_server, tm
 
     from shoprank.workflow import Lineage, StepError, train_model
 
-    settings = replace(storage.settings, mlflow_tracking_uri=mlflow_server.mlflow_tracking_uri,
+    settings = storage.settings.replaced(mlflow_tracking_uri=mlflow_server.mlflow_tracking_uri,
                        mlflow_experiment=f"retry-{time.time_ns()}")
     snapshot = {"snapshot": "toy-retry", "rows": {"train": 192, "val": 24}}
     storage.write_parquet(toy_pairs(48, 4, seed=0), f"{dataset_prefix('toy-retry')}train.parquet")

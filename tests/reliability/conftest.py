@@ -7,8 +7,6 @@ fixtures' servers, which other tests share.  Every fault test's docstring says
 from __future__ import annotations
 
 import uuid
-from dataclasses import replace
-
 import mlflow
 import pytest
 
@@ -58,4 +56,4 @@ def private_stack_env(tmp_path, **extra: str) -> dict[str, str]:
 @pytest.fixture()
 def model_settings(mlflow_server):
     """Settings of the session MLflow server with a registered-model name of this test's own."""
-    return replace(mlflow_server, registered_model=f"rel-{uuid.uuid4().hex[:8]}")
+    return mlflow_server.replaced(registered_model=f"rel-{uuid.uuid4().hex[:8]}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import time
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -47,7 +46,7 @@ def test_s3_stopped_during_a_large_write_fails_cleanly_and_retry_succeeds(stack)
     direct = Storage(stack.settings)
     direct.ensure_bucket()
     proxy = CuttingTcpProxy(stack.settings.s3_port, cut_after_bytes=8 << 20, on_cut=lambda: stack.stop("s3"))
-    via = Storage(replace(stack.settings, s3_endpoint_url=proxy.url))
+    via = Storage(stack.settings.replaced(s3_endpoint_url=proxy.url))
     blob = os.urandom(24 << 20)
     t0 = time.monotonic()
     try:
@@ -88,7 +87,7 @@ def test_s3_stopped_during_a_partition_write_leaves_no_complete_partition(stack)
     part = len(buf.getvalue())
     proxy = CuttingTcpProxy(stack.settings.s3_port, cut_after_bytes=int(part * 1.5),
                             on_cut=lambda: stack.stop("s3"))
-    via = Storage(replace(stack.settings, s3_endpoint_url=proxy.url))
+    via = Storage(stack.settings.replaced(s3_endpoint_url=proxy.url))
     try:
         with pytest.raises(StorageError, match="lost the connection to S3|cannot reach S3"):
             via.write_partition(df, "raw", "feedback", "2026-11-20", rows_per_file=rows)
@@ -137,12 +136,12 @@ def test_mlflow_stopped_right_after_creating_the_version_then_retry(stack, fast_
     server; after a restart the retry (same DAG run key) finds that version instead of
     creating a second one, points challenger at it; no version is champion; one audit record."""
     stack.up(("s3", "mlflow"), **QUIET)
-    settings = replace(stack.settings, registered_model="fault-register")
+    settings = stack.settings.replaced(registered_model="fault-register")
     trained = _trained(settings)
     proxy = CuttingHttpProxy(
         settings.mlflow_port, on_cut=lambda: stack.stop("mlflow"),
         cut_on=lambda m, p: "after" if m == "POST" and "/model-versions/create" in p else None)
-    via = replace(settings, mlflow_tracking_uri=proxy.url)
+    via = settings.replaced(mlflow_tracking_uri=proxy.url)
     storage = Storage(settings)
     lineage = Lineage(dag_id="shoprank_train", run_id="manual__fault", key="shoprank_train/manual__fault")
     try:
@@ -176,7 +175,7 @@ def test_mlflow_stopped_during_promotion_then_retry(stack, fast_mlflow_retries):
     record in the audit trail; after a restart the same approval completes: exactly one
     champion move, audited."""
     stack.up(("s3", "mlflow"), **QUIET)
-    settings = replace(stack.settings, registered_model="fault-promote")
+    settings = stack.settings.replaced(registered_model="fault-promote")
     storage = Storage(settings)
     lineage = Lineage(dag_id="shoprank_train", run_id="manual__p", key="shoprank_train/manual__p")
     v = register_model(settings, storage, _trained(settings), EVALUATED, lineage,
@@ -185,7 +184,7 @@ def test_mlflow_stopped_during_promotion_then_retry(stack, fast_mlflow_retries):
     proxy = CuttingHttpProxy(
         settings.mlflow_port, on_cut=lambda: stack.stop("mlflow"),
         cut_on=lambda m, p: "before" if m == "POST" and p.endswith("/registered-models/alias") else None)
-    via = replace(settings, mlflow_tracking_uri=proxy.url)
+    via = settings.replaced(mlflow_tracking_uri=proxy.url)
     try:
         with pytest.raises(MlflowException) as err:
             apply_approval(via, storage, v, APPROVE, airflow_run="manual__p")

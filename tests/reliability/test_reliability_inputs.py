@@ -296,8 +296,6 @@ def test_training_path_refuses_a_quarantined_day_and_the_champion_stays(storage,
     after the validate task failed, or a manual run).  Expected: prepare_update refuses with
     an error naming the missing validated partition; no daily snapshot is written; the
     registry's champion does not move."""
-    from dataclasses import replace
-
     from shoprank.daily import prepare_update
     from shoprank.registry import Registry
 
@@ -313,7 +311,7 @@ def test_training_path_refuses_a_quarantined_day_and_the_champion_stays(storage,
     with pytest.raises(ValidationFailed) as info:
         run(storage, "feedback", DAY, "rel-train-path")
     assert_nothing_lost(storage, info.value, before, "feedback", DAY, "rel-train-path")
-    settings = replace(model_settings, bucket=storage.bucket)
+    settings = model_settings.replaced(bucket=storage.bucket)
     with pytest.raises(Exception, match=rf"validated/feedback/dt={DAY}"):
         prepare_update(settings, storage, DAY)
     assert storage.list_keys("datasets/") == [] and storage.list_keys("derived/") == []

@@ -187,8 +187,8 @@ def test_secret_variables_never_get_defaults():
 def test_no_literal_secrets(services):
     for name, svc in services.items():
         for key, value in env_of(svc).items():
-            if SECRET_NAME.search(key):
-                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", value), f"{name}: {key} is not from .env"
+            if SECRET_NAME.search(key):  # from .env, or blanked (over the Airflow services' env_file)
+                assert value == "" or re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", value), f"{name}: {key} is not from .env"
         for s in strings(svc):
             for password in re.findall(r"://[^/\s:@]*:([^@\s]+)@", s):  # URL user:password@
                 assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", password), f"{name}: literal password in {s!r}"
@@ -291,6 +291,7 @@ def test_postgres_init_script_creates_both_databases(services):
         assert f"CREATE DATABASE {db} OWNER {db}" in text
         assert f"CREATE ROLE {db} LOGIN PASSWORD :'{db}_password'" in text
         assert f"SHOPRANK_{db.upper()}_DB_PASSWORD" in pg_env, "the init script reads it from the env"
+    assert "CREATE DATABASE mlflow_auth OWNER mlflow" in text, "MLflow's users and permissions (basic auth)"
     for p in scripts:
         if p.suffix == ".sh":
             assert p.stat().st_mode & stat.S_IXUSR, f"{p.name} must be executable"
@@ -316,11 +317,58 @@ def test_mlflow_server(services):
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     assert substitute(env["MLFLOW_S3_ENDPOINT_URL"]) == "http://minio:9000"
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
-    mlflow_pin = re.search(r"^mlflow==(\S+)$", (REPO_ROOT / "requirements.txt").read_text(), re.M).group(1)
+    pin = re.compile(r"^mlflow\[auth\]==(\S+?)(\s+#.*)?$", re.M)  # [auth]: Flask-WTF for the basic-auth app
+    mlflow_pin = pin.search((REPO_ROOT / "requirements.txt").read_text()).group(1)
     image_pins = (REPO_ROOT / "mlflow" / "requirements.txt").read_text()
-    assert f"mlflow=={mlflow_pin}" in image_pins.splitlines()
+    assert pin.search(image_pins).group(1) == mlflow_pin
     assert re.search(r"^(psycopg2-binary|psycopg\[binary\])==", image_pins, re.M)
     assert re.search(r"^boto3==", image_pins, re.M)
+
+
+def test_mlflow_runs_with_basic_auth(services, tmp_path):
+    """MLflow's basic-auth app, users in PostgreSQL, every credential from .env; the image writes
+    the same auth config as the embedded stack (shoprank.mlflow_auth)."""
+    from shoprank.mlflow_auth import auth_config_text
+
+    svc = services["mlflow"]
+    cmd = command_list(svc)
+    assert cmd[cmd.index("--app-name") + 1] == "basic-auth"
+    env = env_of(svc)
+    assert "@postgres:5432/mlflow_auth" in env["SHOPRANK_MLFLOW_AUTH_DATABASE_URI"]
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name].startswith(f"${{{name}:?"), f"{name} must come from .env"
+    lines = dockerfile_lines(MLFLOW_DOCKERFILE)
+    assert 'ENTRYPOINT ["python", "/opt/mlflow/entrypoint.py"]' in lines
+    assert "COPY entrypoint.py /opt/mlflow/entrypoint.py" in lines
+    spec = importlib.util.spec_from_file_location("mlflow_entrypoint", REPO_ROOT / "mlflow" / "entrypoint.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    uri = "postgresql+psycopg2://mlflow:p%40ss@postgres:5432/mlflow_auth"
+    assert entry.config_text(uri) == auth_config_text(uri)
+    path = entry.write_config({"SHOPRANK_MLFLOW_AUTH_DATABASE_URI": uri,
+                               "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth" / "basic_auth.ini")})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    import configparser
+
+    parsed = configparser.ConfigParser()
+    parsed.read(path)
+    assert parsed["mlflow"]["database_uri"] == uri and parsed["mlflow"]["default_permission"] == "READ"
+    assert entry.write_config({}) is None
+
+
+def test_pipeline_has_its_own_mlflow_account(services):
+    """Every Airflow process logs in to MLflow as the pipeline; only airflow-init (which grants
+    it MANAGE on the experiment and the model) holds the MLflow admin password."""
+    for name in AIRFLOW_SERVICES:
+        env = env_of(services[name])
+        assert substitute(env["MLFLOW_TRACKING_USERNAME"]) == "shoprank-pipeline", name
+        assert env["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_TRACKING_PASSWORD:?"), name
+        admin = env["MLFLOW_AUTH_ADMIN_PASSWORD"]  # blanked over the services' env_file (.env)
+        assert admin.startswith("${MLFLOW_AUTH_ADMIN_PASSWORD:?") if name == "airflow-init" else admin == "", name
+        assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "", name
+    script = "\n".join(command_list(services["airflow-init"]))
+    assert script.index("airflow db migrate") < script.index("python -m shoprank.mlflow_auth provision")
+    assert "mlflow" in services["airflow-init"]["depends_on"], "provisioning needs a healthy MLflow"
 
 
 def test_mlflow_image_lock_agrees_with_repo_lock():
@@ -352,6 +400,8 @@ def test_airflow_core_settings(services):
     for name in AIRFLOW_SERVICES:
         other = env_of(services[name])
         shared = {k: v for k, v in other.items() if k in env}
+        if name == "airflow-init":  # its MLflow admin login provisions the pipeline's account
+            shared.pop("MLFLOW_AUTH_ADMIN_PASSWORD")
         assert shared == {k: env[k] for k in shared} and set(env) - {"SHOPRANK_AIRFLOW_ADMIN_PASSWORD"} <= set(other), name
 
 
@@ -402,17 +452,28 @@ def test_same_settings_as_the_embedded_stack(services, tmp_path, monkeypatch):
     given = ("SHOPRANK_AIRFLOW_FERNET_KEY", "SHOPRANK_AIRFLOW_JWT_SECRET", "SHOPRANK_AIRFLOW_ADMIN_PASSWORD")
     for key in given:  # so airflow_env() does not generate a stack.env
         monkeypatch.setenv(key, "x")
+    from shoprank.config import VARIABLES
+
     embedded = airflow_env(settings)
+    # every setting of the tree reaches the embedded stack's Airflow processes ...
+    assert {v for v, (g, f) in VARIABLES.items() if getattr(getattr(settings, g), f) is not None
+            and v not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")} <= set(embedded)
+    # ... and compose's, from .env, with the container-specific ones set explicitly
+    for name in ("airflow-worker", "airflow-scheduler", "airflow-dag-processor", "airflow-apiserver"):
+        files = services[name].get("env_file") or []
+        assert any((f.get("path") if isinstance(f, dict) else f) == ".env" for f in files), name
     compose_env = env_of(services["airflow-worker"])
     wanted = {k for k in embedded if k.startswith(("SHOPRANK_", "MLFLOW_", "AIRFLOW_CONN_", "HF_"))} - set(given)
-    wanted -= {"SHOPRANK_S3_PORT", "SHOPRANK_MLFLOW_PORT", "SHOPRANK_AIRFLOW_PORT"}  # embedded-only
+    wanted -= set(VARIABLES)  # tree variables come from .env
+    wanted |= {"SHOPRANK_HOME", "SHOPRANK_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "SHOPRANK_AIRFLOW_URL",
+               "SHOPRANK_TRAIN_QUEUE", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
     assert wanted <= set(compose_env), f"missing in docker-compose: {sorted(wanted - set(compose_env))}"
-    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(compose_env), "creds only via the connection"
+    assert compose_env["AWS_ACCESS_KEY_ID"] == compose_env["AWS_SECRET_ACCESS_KEY"] == "", \
+        "creds only via the connection (blanked over .env)"
 
     assert substitute(compose_env["SHOPRANK_S3_ENDPOINT_URL"]) == "http://minio:9000"
     assert compose_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert compose_env["SHOPRANK_AIRFLOW_URL"] == "http://airflow-apiserver:8080"
-    assert substitute(compose_env["SHOPRANK_BUCKET"]) == "shoprank"
     fake = {name: f"<{name}>" for name in required_secrets()}
     conn = json.loads(substitute(compose_env["AIRFLOW_CONN_SHOPRANK_S3"], fake))
     want = json.loads(embedded["AIRFLOW_CONN_SHOPRANK_S3"])

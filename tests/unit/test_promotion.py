@@ -1,3 +1,5 @@
+import pytest
+
 from shoprank.promotion import GatePolicy, approval_card, evaluate_gate
 
 GOOD = {
@@ -144,3 +146,19 @@ def test_latency_request_and_side_by_side_rounds():
                          request, rounds=3, warmup=1)
     assert set(timed) == {"challenger", "champion"} and all(v >= 0 for v in timed.values())
     assert calls == ["c", "h", "c", "h", "h", "c", "c", "h"]  # warm-up, then alternating order
+
+
+def test_latency_ratio_pairs_the_calls_of_each_round():
+    """A load burst that slows one round slows both calls of it: the paired ratio cancels it,
+    the ratio of the medians does not (same model timed twice: true ratio 1.0)."""
+    from statistics import median
+
+    from shoprank.evaluation.latency import paired_ratio
+
+    # load 3x in rounds 1-4; it ends between the two calls of round 4
+    rounds = {"challenger": [300.0, 300.0, 300.0, 300.0, 100.0, 100.0, 100.0],
+              "champion": [291.0, 291.0, 291.0, 97.0, 97.0, 97.0, 97.0]}
+    assert median(rounds["challenger"]) / median(rounds["champion"]) > 3  # the unpaired ratio is fooled
+    assert paired_ratio(rounds, "challenger", "champion") == pytest.approx(300 / 291)
+    with pytest.raises(ValueError):
+        paired_ratio({"a": [], "b": []}, "a", "b")

@@ -90,7 +90,7 @@ def test_settings_product_text_template(tmp_path):
     s = Settings.from_env({**env, "SHOPRANK_PRODUCT_TEXT_TEMPLATE": "{title} | {category_leaf}"})
     assert s.product_text_template == "{title} | {category_leaf}"
     assert s.as_env()["SHOPRANK_PRODUCT_TEXT_TEMPLATE"] == "{title} | {category_leaf}"
-    with pytest.raises(ConfigError, match=r"SHOPRANK_PRODUCT_TEXT_TEMPLATE: .*unknown field \{colour\}"):
+    with pytest.raises(ConfigError, match=r"SHOPRANK_PRODUCT_TEXT_TEMPLATE='\{title\} \{colour\}'.*unknown field \{colour\}"):
         Settings.from_env({**env, "SHOPRANK_PRODUCT_TEXT_TEMPLATE": "{title} {colour}"})
 
 
@@ -151,6 +151,7 @@ def test_serving_normalises_the_query_before_scoring_and_caching(tmp_path):
     from fastapi.testclient import TestClient
 
     from shoprank.serving.app import ServeConfig, create_app
+    from shoprank.serving.auth import ServeAuth
 
     class Recording:
         version, backend, max_length = "1", "fake", 64
@@ -165,7 +166,8 @@ def test_serving_normalises_the_query_before_scoring_and_caching(tmp_path):
     settings = Settings.from_env({"SHOPRANK_HOME": str(tmp_path / "home"), "SHOPRANK_ENV_FILE": str(tmp_path / "x")})
     scorer = Recording()
     cands = [{"product_id": "a", "text": "red shoes"}, {"product_id": "b", "text": "mug"}]
-    with TestClient(create_app(settings, scorer=scorer, config=ServeConfig())) as client:
+    app = create_app(settings, scorer=scorer, config=ServeConfig(), auth=ServeAuth(events_token="unit-test-token"))
+    with TestClient(app) as client:  # /rank is open: no SHOPRANK_SERVE_RANK_TOKEN here
         first = client.post("/rank", json={"query": "  Red  SHOES\u00a0", "candidates": cands}).json()
         second = client.post("/rank", json={"query": "ｒｅｄ shoes", "candidates": cands}).json()
         blank = client.post("/rank", json={"query": " \u3000 ", "candidates": cands})

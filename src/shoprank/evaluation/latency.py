@@ -10,8 +10,9 @@ one minute and 40 the next.  So:
 * each ranker is warmed up (``warmup`` calls), then timed for ``rounds`` rounds; in every
   round each ranker scores the same request once, in alternating order, so background load
   hits them alike; the figure is the **median** over rounds (:func:`side_by_side`);
-* the gate compares the challenger with the champion timed in the same run as a **ratio**
-  (``SHOPRANK_GATE_MAX_LATENCY_RATIO``, default 1.25), plus a generous absolute per-request
+* the gate compares the challenger with the champion timed in the same run as a **ratio**,
+  the median over rounds of the two calls of each round (:func:`paired_ratio`;
+  ``SHOPRANK_GATE_MAX_LATENCY_RATIO``, default 1.25), plus a generous absolute per-request
   budget (``SHOPRANK_GATE_MAX_LATENCY_MS``) that catches a model far too slow for any SLO.
 """
 
@@ -44,6 +45,22 @@ def ranking_request(test: pd.DataFrame, n_candidates: int = 50) -> pd.DataFrame:
 def side_by_side(scorers: Mapping[str, ScoreFn], request: pd.DataFrame, rounds: int = 7,
                  warmup: int = 2) -> dict[str, float]:
     """Median milliseconds per request of each scorer (see the module docstring)."""
+    return {name: float(statistics.median(ts)) for name, ts in timed_rounds(scorers, request, rounds, warmup).items()}
+
+
+def paired_ratio(rounds: Mapping[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of ``numerator / denominator`` timed in the same round: a load burst
+    that slows one round slows both calls of that round, so it cancels in the ratio (the ratio
+    of the two medians can pair a quiet call with a busy one)."""
+    ratios = [a / max(b, 1e-9) for a, b in zip(rounds[numerator], rounds[denominator])]
+    if not ratios:
+        raise ValueError("no timed rounds")
+    return float(statistics.median(ratios))
+
+
+def timed_rounds(scorers: Mapping[str, ScoreFn], request: pd.DataFrame, rounds: int = 7,
+                 warmup: int = 2) -> dict[str, list[float]]:
+    """Milliseconds of each scorer in each round (see the module docstring)."""
     if rounds < 1:
         raise ValueError("rounds must be >= 1")
     names = list(scorers)
@@ -56,4 +73,4 @@ def side_by_side(scorers: Mapping[str, ScoreFn], request: pd.DataFrame, rounds: 
             t0 = time.perf_counter()
             scorers[name](request)
             times[name].append((time.perf_counter() - t0) * 1000.0)
-    return {name: float(statistics.median(ts)) for name, ts in times.items()}
+    return times

@@ -18,7 +18,9 @@
   later, and replayed at the next start after a crash);
 * refuses request bodies over ``max_body_bytes`` with 413 before reading them (``BodyLimit``).
 
-Settings are :class:`ServeConfig` (``SHOPRANK_SERVE_*``, table in docs/serving.md).
+Settings are :class:`ServeConfig` (``SHOPRANK_SERVE_*``, table in docs/serving.md); secrets
+(bearer tokens, the user-id hash key) are :mod:`shoprank.serving.auth`: ``/events`` and
+``/metrics`` always need a token, ``/rank`` when ``SHOPRANK_SERVE_RANK_TOKEN`` is set.
 """
 
 from __future__ import annotations
@@ -39,15 +41,17 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Mapping
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from shoprank.config import ConfigError, Settings, _merged_env
+from shoprank.config import ConfigError, Settings
 from shoprank.data.contracts import normalize_query
 from shoprank.serving.ab import CHALLENGER, CHAMPION, MODES, choose_arm
+from shoprank.serving.auth import (ADMIN_TOKEN_ENV, EVENTS_TOKEN_ENV, RANK_TOKEN_ENV, ServeAuth, bearer,
+                                   user_hash_key)
 from shoprank.serving.events import EventSink, EventsRejected, validate_events
 
 log = logging.getLogger(__name__)
@@ -86,18 +90,8 @@ class ServeConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServeConfig":
-        env = _merged_env(environ)
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(cls.env_name(f.name))
-            if raw in (None, ""):
-                continue
-            kind = type(f.default)
-            try:
-                values[f.name] = kind(raw)
-            except ValueError:
-                raise ConfigError(f"{cls.env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from None
-        return cls(**values).checked()
+        """Defaults overridden by the settings tree's ``serving`` group (``SHOPRANK_SERVE_*``)."""
+        return cls(**Settings.from_env(environ).serving.serve_overrides()).checked()
 
     def checked(self) -> "ServeConfig":
         if self.mode not in MODES:
@@ -669,14 +663,20 @@ class BodyLimit:
 def create_app(settings: Settings | None = None, *, loader: Loader | None = None,
                resolve_alias: AliasResolver | None = None, storage: Any = "default",
                config: ServeConfig | None = None, hash_key: bytes | str | None = None,
-               scorer: Any = None) -> FastAPI:
-    """The ranking API.  Defaults are real (registry, S3, stack secrets); tests inject
-    ``loader`` / ``resolve_alias`` / ``storage``.  ``scorer``: serve this one scorer as the
-    champion, with no registry (benchmarks, local trials); S3 is then used only if given."""
+               scorer: Any = None, auth: ServeAuth | None = None) -> FastAPI:
+    """The ranking API.  Defaults are real (registry, S3, secrets from the environment /
+    ``stack.env``: :mod:`shoprank.serving.auth`); tests inject ``loader`` / ``resolve_alias`` /
+    ``storage`` / ``auth`` / ``hash_key``.  ``scorer``: serve this one scorer as the champion,
+    with no registry (benchmarks, local trials); S3 is then used only if given.
+
+    Raises :class:`~shoprank.config.ConfigError` naming the variable when a required secret
+    (``SHOPRANK_SERVE_EVENTS_TOKEN``; ``SHOPRANK_USER_HASH_KEY`` when there is storage) is
+    missing: nothing is generated here."""
     from shoprank.config import get_settings
 
     settings = settings or get_settings()
     config = (config or ServeConfig.from_env()).checked()
+    auth = (auth or ServeAuth.from_env(home=settings.home)).checked()
     if scorer is not None:
         fixed = str(getattr(scorer, "version", None) or "local")
         loader = loader or (lambda *_a, **_k: scorer)
@@ -687,9 +687,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
 
         storage = Storage(settings)
     if hash_key is None and storage is not None:
-        from shoprank.stack import secret
-
-        hash_key = secret(settings, "SHOPRANK_USER_HASH_KEY")
+        hash_key = user_hash_key(home=settings.home)  # read, never generated
     metrics = ServeMetrics()
     service = RankingService(settings, config, loader or default_loader,
                              resolve_alias or registry_resolver(settings), storage, hash_key, metrics)
@@ -731,12 +729,17 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
         metrics.events_rejected.inc()
         return JSONResponse(status_code=422, content={"detail": {"error": str(exc), "errors": exc.errors[:200]}})
 
-    @app.post("/rank", response_model=RankResponse)
+    rank_auth = [Depends(bearer(auth.rank_token, RANK_TOKEN_ENV))]  # no check without a rank token
+    events_auth = [Depends(bearer(auth.events_token, EVENTS_TOKEN_ENV))]
+    admin_auth = [Depends(bearer(auth.metrics_token, ADMIN_TOKEN_ENV if auth.admin_token else
+                                 f"{EVENTS_TOKEN_ENV}; no {ADMIN_TOKEN_ENV} is set"))]
+
+    @app.post("/rank", response_model=RankResponse, dependencies=rank_auth)
     def rank(req: RankRequest) -> RankResponse:
         """Score and order the candidates for a query (see docs/serving.md)."""
         return service.rank(req)
 
-    @app.post("/events", status_code=202)
+    @app.post("/events", status_code=202, dependencies=events_auth)
     async def events(request: Request) -> dict:
         """Append feedback events (FEEDBACK contract); durable on local disk before the 202."""
         raw = await request.body()  # at most max_body_bytes (BodyLimit)
@@ -756,7 +759,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
                                                           or "no @champion loaded"})
         return {"ready": True, "champion": model.version}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=admin_auth)
     def prometheus_metrics() -> Response:
         metrics.events_buffered.set(service.sink.buffered)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

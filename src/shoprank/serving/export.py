@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -56,11 +55,10 @@ class ExportError(RuntimeError):
 
 def eval_queries_cap() -> int:
     """Queries of the test split scored per backend (SHOPRANK_EXPORT_EVAL_QUERIES, 0 = all)."""
-    raw = os.environ.get("SHOPRANK_EXPORT_EVAL_QUERIES", str(DEFAULT_EVAL_QUERIES))
-    try:
-        return int(raw)
-    except ValueError:
-        raise ExportError(f"SHOPRANK_EXPORT_EVAL_QUERIES={raw!r} is not an integer") from None
+    from shoprank.config import get_settings
+
+    cap = get_settings().serving.export_eval_queries
+    return DEFAULT_EVAL_QUERIES if cap is None else cap
 
 
 def metric_key(backend: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import threading
 from pathlib import Path
@@ -139,10 +138,13 @@ def ort_session(path: str | Path, threads: int | None = None):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    threads = threads if threads is not None else int(os.environ.get("SHOPRANK_ORT_THREADS", "0") or 0)
+    from shoprank.config import get_settings
+
+    serving = get_settings().serving
+    threads = threads if threads is not None else serving.ort_threads
     if threads > 0:
         opts.intra_op_num_threads = threads
-    spinning = os.environ.get("SHOPRANK_ORT_SPINNING", "0").strip().lower() in ("1", "true", "yes")
+    spinning = serving.ort_spinning
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -165,18 +165,20 @@ def launch_options(config: TrainConfig, environ: Mapping[str, str] | None = None
     Env fallbacks (set them on the worker, e.g. in its compose service or pod spec):
     ``SHOPRANK_RDZV_ENDPOINT`` (host:port), ``SHOPRANK_RDZV_ID``, ``SHOPRANK_NODE_RANK``.
     """
-    env = os.environ if environ is None else environ
+    from shoprank.config import Settings
+
+    worker = Settings.from_env(environ).training  # the settings tree's training group
     node_rank = config.node_rank
-    if node_rank is None and env.get("SHOPRANK_NODE_RANK", "").strip():
-        raw = env["SHOPRANK_NODE_RANK"].strip()
-        if not raw.isdigit() or int(raw) >= config.num_nodes:
-            raise TrainConfigError(f"SHOPRANK_NODE_RANK={raw!r}: must be an integer in [0, {config.num_nodes})")
-        node_rank = int(raw)
-    rdzv_id = config.rdzv_id or env.get("SHOPRANK_RDZV_ID") or default_rdzv_id or config.run_key or "shoprank"
+    if node_rank is None and worker.node_rank is not None:
+        if worker.node_rank >= config.num_nodes:
+            raise TrainConfigError(f"SHOPRANK_NODE_RANK={worker.node_rank!r}: must be an integer in "
+                                   f"[0, {config.num_nodes})")
+        node_rank = worker.node_rank
+    rdzv_id = config.rdzv_id or worker.rdzv_id or default_rdzv_id or config.run_key or "shoprank"
     return {
         "nproc_per_node": config.devices,
         "nnodes": config.num_nodes,
-        "rdzv_endpoint": config.rdzv_endpoint or env.get("SHOPRANK_RDZV_ENDPOINT") or None,
+        "rdzv_endpoint": config.rdzv_endpoint or worker.rdzv_endpoint or None,
         "rdzv_id": "".join(c if c.isalnum() or c in "-_." else "-" for c in rdzv_id),
         "node_rank": node_rank,
     }
@@ -750,11 +752,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the same, read from this key of the shoprank bucket (multi-node: the other nodes)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override an option (value parsed as JSON when possible); repeatable")
-    parser.add_argument("--log-level", default=os.environ.get("SHOPRANK_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=None, help="default: SHOPRANK_LOG_LEVEL (INFO)")
     args = parser.parse_args(argv)
 
     dist = DistEnv.from_env()
-    level = args.log_level.upper() if dist.rank == 0 else "WARNING"
+    from shoprank.config import get_settings
+
+    level = (args.log_level or get_settings().general.log_level).upper() if dist.rank == 0 else "WARNING"
     logging.basicConfig(
         level=level, stream=sys.stderr, force=True,
         format=f"%(asctime)s %(levelname)s [rank {dist.rank}] %(name)s: %(message)s",

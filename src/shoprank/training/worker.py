@@ -8,9 +8,10 @@ the machine's FQDN, Airflow's default.  Useful when several workers share one ho
 
 from __future__ import annotations
 
-import os
 import socket
 
 
 def worker_hostname() -> str:
-    return os.environ.get("SHOPRANK_WORKER_NAME", "").strip() or socket.getfqdn()
+    from shoprank.config import get_settings
+
+    return (get_settings().training.worker_name or "").strip() or socket.getfqdn()

@@ -10,7 +10,6 @@ variables ``SHOPRANK_VALIDATION_<FIELD>`` / ``SHOPRANK_DRIFT_<FIELD>`` (see
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
@@ -109,20 +108,11 @@ class ValidationOptions:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ValidationOptions":
-        """Defaults overridden by ``SHOPRANK_VALIDATION_<FIELD>`` and ``SHOPRANK_DRIFT_<FIELD>``."""
-        env = os.environ if environ is None else environ
-        values: dict[str, str] = {}
-        for f in fields(cls):
-            if f.name in ("drift", "now"):
-                continue
-            var = f"SHOPRANK_VALIDATION_{f.name.upper()}"
-            if env.get(var, "") != "":
-                values[f.name] = env[var]
-        for f in fields(DriftOptions):
-            var = f"SHOPRANK_DRIFT_{f.name.upper()}"
-            if env.get(var, "") != "":
-                values[f"drift.{f.name}"] = env[var]
-        return cls.from_mapping(values)
+        """Defaults overridden by the settings tree's ``validation`` group
+        (``SHOPRANK_VALIDATION_<FIELD>``, ``SHOPRANK_DRIFT_<FIELD>``)."""
+        from shoprank.config import Settings
+
+        return cls.from_mapping(Settings.from_env(environ).validation.overrides())
 
     def public_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("drift", "now")}
