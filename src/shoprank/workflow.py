@@ -440,8 +440,10 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     from shoprank.datasets import load_lexical_stats, load_split
     from shoprank.evaluation import BM25Scorer, evaluate, plot_slice_metrics
     from shoprank.evaluation.latency import paired_ratio, ranking_request, timed_rounds
+    from shoprank.evaluation.score_cache import cached_scorer
     from shoprank.mlflow_model import load_scorer
     from shoprank.promotion import GatePolicy
+    from shoprank.registry import logged_model_id
 
     client = MlflowClient(settings.mlflow_tracking_uri)
     import mlflow
@@ -450,9 +452,15 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     registry = _registry(settings)
     champion = registry.version_by_alias("champion")
     bm25 = BM25Scorer(load_lexical_stats(storage, trained["snapshot"]))
-    scorers = {"challenger": load_scorer(trained["model_uri"]), "bm25": bm25}
+    models = {"challenger": (load_scorer(trained["model_uri"]), logged_model_id(trained["model_uri"]))}
     if champion is not None:
-        scorers["champion"] = load_scorer(f"models:/{registry.name}/{champion.version}")
+        models["champion"] = (load_scorer(f"models:/{registry.name}/{champion.version}"),
+                              logged_model_id(getattr(champion, "source", None)))
+    # the models themselves are timed; their scores on an evaluation split are reused from S3
+    # when the same model already scored the same rows (evaluation.score_cache)
+    scorers = {name: cached_scorer(fn, storage, key) for name, (fn, key) in models.items()}
+    scorers = {"challenger": scorers["challenger"], "bm25": bm25,
+               **({"champion": scorers["champion"]} if "champion" in scorers else {})}  # report order
     sets = {"": load_split(storage, trained["snapshot"], "test")}
     for name, key in (extra_test or {}).items():
         sets[name + "_"] = storage.read_parquet(key)
@@ -473,7 +481,7 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     # serving latency: one ranking request, challenger and champion timed side by side (evaluation.latency)
     policy = GatePolicy.from_env()
     request = ranking_request(sets[""], policy.latency_candidates)
-    rounds = timed_rounds({k: v for k, v in scorers.items() if k in ("challenger", "champion")}, request)
+    rounds = timed_rounds({name: fn for name, (fn, _key) in models.items()}, request)
     timed = {k: float(statistics.median(v)) for k, v in rounds.items()}
     metrics["latency_candidates"] = float(policy.latency_candidates)
     metrics["latency_ms_per_request"] = timed["challenger"]
@@ -486,8 +494,6 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     # on the run, and on the LoggedModel (MLflow 3's model view, search_logged_models) with the
     # test split as the dataset they were measured on
     test_set = log_snapshot_inputs(client, run_id, settings, trained["snapshot"], ("test",), "evaluation")[0]
-    from shoprank.registry import logged_model_id
-
     model_id = logged_model_id(trained.get("model_uri"))
     for k, v in metrics.items():
         if v == v:  # skip NaN

@@ -217,6 +217,8 @@ def test_daily_update_warm_starts_from_champion_and_is_idempotent(airflow, appro
     assert run.data.params["init_from"]  # weights came from the champion, not the base model
     assert "labels.w_click" in run.data.params or any(k.startswith("labels.") for k in run.data.params)
     assert "recent_ndcg_at_10" in tags  # evaluated on the holdout of recent feedback too
+    # the champion's scores on the golden test split were kept (score cache) for the next days
+    assert storage.list_keys("reports/scores/")
     # online metrics of the day's traffic, per serving arm (all champion here)
     assert run.data.metrics["online_champion_requests"] > 0 and "online_champion_ctr" in run.data.metrics
     versions_before = registry.known_versions()
