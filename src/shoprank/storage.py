@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DATASETS = ("catalog", "judgments", "feedback", "queries", "users")
 SUCCESS_MARKER = "_SUCCESS"
 TMP_PREFIX = "_tmp/"
+COPY_MULTIPART_ABOVE = 5 * 1024**3  # CopyObject's limit; below it one request copies (every S3 server supports it)
 
 
 class StorageError(RuntimeError):
@@ -354,7 +355,7 @@ class Storage:
 
     def copy(self, src_key: str, dst_key: str) -> None:
         try:
-            self._s3.copy_object(Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key})
+            self._managed_copy(src_key, dst_key)
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, self.settings, f"copy {src_key} to {dst_key}") from exc
 
@@ -376,13 +377,43 @@ class Storage:
                 raise _explain(exc, self.settings, f"delete {prefix}") from exc
         return len(keys)
 
+    # ---- files: boto3 managed transfers (streamed, multipart above the threshold) ----------
+    def _transfer(self, multipart_threshold: int | None = None):
+        from boto3.s3.transfer import TransferConfig
+
+        mb = 1024 * 1024
+        return TransferConfig(multipart_threshold=multipart_threshold or self.settings.storage.multipart_threshold_mb * mb,
+                              multipart_chunksize=self.settings.storage.multipart_chunk_mb * mb,
+                              max_concurrency=4, max_io_queue=16, use_threads=True)  # bounded memory
+
     def upload_file(self, path: str, key: str) -> str:
-        with open(path, "rb") as fh:
-            return self.put_bytes(key, fh.read())
+        """Stream a local file to ``key`` (never read whole into memory; multipart above
+        ``SHOPRANK_S3_MULTIPART_THRESHOLD_MB``, so objects above S3's 5 GB single-PUT limit
+        work); it appears under ``key`` only once complete (temp key, then a server-side copy)."""
+        tmp = f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self._s3.upload_file(str(path), self.bucket, tmp, Config=self._transfer())
+            self._managed_copy(tmp, key)
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, self.settings, f"upload {path} to {key}") from exc
+        finally:
+            try:
+                self._s3.delete_object(Bucket=self.bucket, Key=tmp)
+            except (ClientError, BotoCoreError):
+                log.warning("could not delete temporary object %s", tmp)
+        return self.uri(key)
 
     def download_file(self, key: str, path: str) -> None:
-        with open(path, "wb") as fh:
-            fh.write(self.get_bytes(key))
+        """Stream ``key`` to a local file (in parts above the threshold)."""
+        try:
+            self._s3.download_file(self.bucket, key, str(path), Config=self._transfer())
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, self.settings, f"download {key}") from exc
+
+    def _managed_copy(self, src_key: str, dst_key: str) -> None:
+        """Server-side copy: one CopyObject up to 5 GB, a multipart copy above (S3's limit)."""
+        self._s3.copy({"Bucket": self.bucket, "Key": src_key}, self.bucket, dst_key,
+                      Config=self._transfer(multipart_threshold=COPY_MULTIPART_ABOVE))
 
     # ---- parquet ----------------------------------------------------------------------
     def write_parquet(self, df: pd.DataFrame, key: str) -> str:
