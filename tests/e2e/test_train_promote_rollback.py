@@ -165,6 +165,89 @@ def test_extra_links_lead_to_mlflow_and_the_data_docs(airflow, airflow_stack):
                     run_exists(run)
 
 
+def _browser():
+    """Headless Chromium through selenium, or a skip saying how to get them (README, "Tests")."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (README, Tests)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    if not (chromium and driver_bin):
+        pytest.skip("no Chromium: apt-get install chromium chromium-driver (README, Tests)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1600,1200"):
+        opts.add_argument(flag)
+    from selenium.webdriver.chrome.service import Service
+
+    return webdriver.Chrome(service=Service(driver_bin), options=opts)
+
+
+def _wait_for_text(driver, texts, timeout=90):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = driver.find_element("tag name", "body").text
+        if all(t in body for t in texts):
+            return body
+        time.sleep(1)
+    raise AssertionError(f"{texts} not on {driver.current_url} after {timeout}s; the page shows:\n{body[:3000]}")
+
+
+def test_ui_pages_show_the_links_and_the_model_metrics(airflow, airflow_stack):
+    """Screenshot-level check in a real headless browser: the Airflow task page of the last
+    training run shows the plugin's link buttons, and MLflow's model page shows the evaluation
+    metrics logged on the LoggedModel. Screenshots go to $SHOPRANK_HOME/ui-check/."""
+    import base64
+    import urllib.parse
+
+    from shoprank import links
+
+    settings = airflow_stack.settings
+    registry = Registry(settings, Storage(settings))
+    champion = registry.version_by_alias("champion")
+    tags = registry.tags(champion.version)
+    run_id = tags["airflow.run_id"]
+    shots = settings.home / "ui-check"
+    shots.mkdir(exist_ok=True)
+    driver = _browser()
+    try:
+        # Airflow: the UI reads its JWT from the `_token` cookie (what its login page sets)
+        base = settings.airflow_url.rstrip("/")
+        driver.get(base + "/api/v2/version")
+        driver.add_cookie({"name": "_token", "value": airflow.token(), "path": "/"})
+        driver.get(f"{base}/dags/{TRAIN}/runs/{urllib.parse.quote(run_id, safe='')}/tasks/train/details")
+        _wait_for_text(driver, [links.MLFLOW_RUN, links.MODEL_VERSION])
+        anchors = {a.text: a.get_attribute("href") for a in driver.find_elements("tag name", "a")}
+        assert anchors[links.MLFLOW_RUN].startswith(settings.mlflow_tracking_uri.rstrip("/") + "/#/experiments/")
+        driver.save_screenshot(str(shots / "airflow-train-task.png"))
+
+        # MLflow: basic auth on every request of the page, then the LoggedModel view
+        basic = base64.b64encode(f"{settings.mlflow_tracking_username}:{settings.mlflow_tracking_password}"
+                                 .encode()).decode()
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {basic}"}})
+        from mlflow import MlflowClient
+
+        client = MlflowClient(settings.mlflow_tracking_uri)
+        run = client.get_run(tags["mlflow_run_id"])
+        (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                               filter_string=f"source_run_id = '{run.info.run_id}'")
+        ui = settings.mlflow_tracking_uri.rstrip("/")
+        driver.get(f"{ui}/#/experiments/{run.info.experiment_id}/models/{model.model_id}")
+        # the evaluation metrics, measured on the snapshot's test split ("Datasets used")
+        _wait_for_text(driver, ["ndcg_at_10", f"{tags['data_snapshot']}/test", "shoprank-ranker"])
+        driver.save_screenshot(str(shots / "mlflow-logged-model.png"))
+        driver.get(f"{ui}/#/models/{registry.name}")
+        _wait_for_text(driver, ["champion"])
+        driver.save_screenshot(str(shots / "mlflow-registered-model.png"))
+    finally:
+        driver.quit()
+
+
 def test_answering_twice_is_refused(airflow, market_day):
     """A second answer to the same approval gets HTTP 409 and changes nothing."""
     run_id = None
