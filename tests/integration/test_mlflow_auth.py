@@ -79,6 +79,10 @@ def test_only_the_pipeline_moves_aliases(mlflow_server, monkeypatch, capsys, tmp
     uri = mlflow_server.mlflow_tracking_uri
     name = mlflow_server.registered_model  # created and granted at `stack up`
     client = MlflowClient(uri, registry_uri=uri)  # logs in from MLFLOW_TRACKING_* (the pipeline)
+    try:  # the session's stack is shared: other suites may have registered versions already
+        before = client.get_model_version_by_alias(name, "champion").version
+    except MlflowException:
+        before = None
     v1 = _new_version(client, name, tmp_path)
     v2 = _new_version(client, name, tmp_path)
     client.set_registered_model_alias(name, "champion", v1)
@@ -112,10 +116,13 @@ def test_only_the_pipeline_moves_aliases(mlflow_server, monkeypatch, capsys, tmp
         assert client.get_model_version_by_alias(name, "champion").version == v2
     finally:
         monkeypatch.undo()
-        client.delete_registered_model_alias(name, "champion")
+        if before is None:
+            client.delete_registered_model_alias(name, "champion")
+        else:
+            client.set_registered_model_alias(name, "champion", before)
         for version in (v1, v2):
             client.delete_model_version(name, version)
-    assert not client.search_model_versions(f"name='{name}'")
+    assert not {v1, v2} & {v.version for v in client.search_model_versions(f"name='{name}'")}
 
 
 def test_stack_up_restores_the_pipeline_grants(mlflow_server, monkeypatch, capsys):
