@@ -24,7 +24,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import boto3
 import pandas as pd
@@ -279,23 +279,29 @@ class Storage:
             if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise _explain(exc, self.settings, f"create bucket {self.bucket}") from exc
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-        """Atomic write: temp key, server-side copy, delete temp."""
+    def _via_temp_key(self, key: str, what: str, write: Callable[[str], None], publish: Callable[[str], None]) -> str:
+        """Atomic write: ``write`` a temp key, ``publish`` it to ``key`` with a server-side copy,
+        delete the temp key; S3 errors become a :class:`StorageError` saying ``what`` failed."""
         tmp = f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            self._s3.put_object(Bucket=self.bucket, Key=tmp, Body=data, ContentType=content_type)
-            self._s3.copy_object(
-                Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": tmp},
-                ContentType=content_type, MetadataDirective="REPLACE",
-            )
+            write(tmp)
+            publish(tmp)
         except (ClientError, BotoCoreError) as exc:
-            raise _explain(exc, self.settings, f"write {key}") from exc
+            raise _explain(exc, self.settings, what) from exc
         finally:
             try:
                 self._s3.delete_object(Bucket=self.bucket, Key=tmp)
             except (ClientError, BotoCoreError):
                 log.warning("could not delete temporary object %s", tmp)
         return self.uri(key)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Atomic write of a small object (one PUT, one CopyObject)."""
+        return self._via_temp_key(
+            key, f"write {key}",
+            lambda tmp: self._s3.put_object(Bucket=self.bucket, Key=tmp, Body=data, ContentType=content_type),
+            lambda tmp: self._s3.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": tmp},
+                                             ContentType=content_type, MetadataDirective="REPLACE"))
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -390,18 +396,10 @@ class Storage:
         """Stream a local file to ``key`` (never read whole into memory; multipart above
         ``SHOPRANK_S3_MULTIPART_THRESHOLD_MB``, so objects above S3's 5 GB single-PUT limit
         work); it appears under ``key`` only once complete (temp key, then a server-side copy)."""
-        tmp = f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            self._s3.upload_file(str(path), self.bucket, tmp, Config=self._transfer())
-            self._managed_copy(tmp, key)
-        except (ClientError, BotoCoreError) as exc:
-            raise _explain(exc, self.settings, f"upload {path} to {key}") from exc
-        finally:
-            try:
-                self._s3.delete_object(Bucket=self.bucket, Key=tmp)
-            except (ClientError, BotoCoreError):
-                log.warning("could not delete temporary object %s", tmp)
-        return self.uri(key)
+        return self._via_temp_key(
+            key, f"upload {path} to {key}",
+            lambda tmp: self._s3.upload_file(str(path), self.bucket, tmp, Config=self._transfer()),
+            lambda tmp: self._managed_copy(tmp, key))
 
     def download_file(self, key: str, path: str) -> None:
         """Stream ``key`` to a local file (in parts above the threshold)."""
