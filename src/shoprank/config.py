@@ -443,6 +443,21 @@ class LayeredEnvSource(PydanticBaseSettingsSource):
         return tree
 
 
+# the flat names the code has always used -> (group, field)
+FLAT_NAMES = {
+    "home": ("general", "home"), "seed": ("general", "seed"), "bucket": ("storage", "bucket"),
+    "s3_endpoint_url": ("storage", "s3_endpoint_url"), "aws_access_key_id": ("storage", "aws_access_key_id"),
+    "aws_secret_access_key": ("storage", "aws_secret_access_key"), "aws_region": ("storage", "aws_region"),
+    "s3_port": ("storage", "s3_port"), "mlflow_tracking_uri": ("mlflow", "tracking_uri"),
+    "mlflow_experiment": ("mlflow", "experiment"), "registered_model": ("mlflow", "registered_model"),
+    "mlflow_port": ("mlflow", "port"), "mlflow_tracking_username": ("mlflow", "tracking_username"),
+    "mlflow_tracking_password": ("mlflow", "tracking_password"), "airflow_url": ("airflow", "url"),
+    "airflow_port": ("airflow", "port"), "base_model": ("training", "base_model"),
+    "max_length": ("training", "max_length"), "product_text_template": ("training", "product_text_template"),
+    "train_threads": ("training", "train_threads"), "export_max_ndcg_delta": ("serving", "export_max_ndcg_delta"),
+}
+
+
 class Settings(BaseSettings):
     """The resolved tree.  Groups: ``general``, ``storage``, ``mlflow``, ``airflow``,
     ``training``, ``gate``, ``approval``, ``daily``, ``validation``, ``serving``.  The
@@ -486,25 +501,8 @@ class Settings(BaseSettings):
         _warn_unknown(layers)
         return settings
 
-    # ---- flat views (the names the code has always used) ------------------------------------
-    home = property(lambda self: self.general.home)
-    seed = property(lambda self: self.general.seed)
-    bucket = property(lambda self: self.storage.bucket)
-    aws_access_key_id = property(lambda self: self.storage.aws_access_key_id)
-    aws_secret_access_key = property(lambda self: self.storage.aws_secret_access_key)
-    aws_region = property(lambda self: self.storage.aws_region)
-    s3_port = property(lambda self: self.storage.s3_port)
-    mlflow_experiment = property(lambda self: self.mlflow.experiment)
-    registered_model = property(lambda self: self.mlflow.registered_model)
-    mlflow_port = property(lambda self: self.mlflow.port)
-    mlflow_tracking_username = property(lambda self: self.mlflow.tracking_username)
-    mlflow_tracking_password = property(lambda self: self.mlflow.tracking_password)
-    airflow_port = property(lambda self: self.airflow.port)
-    base_model = property(lambda self: self.training.base_model)
-    max_length = property(lambda self: self.training.max_length)
-    product_text_template = property(lambda self: self.training.product_text_template)
-    train_threads = property(lambda self: self.training.train_threads)
-    export_max_ndcg_delta = property(lambda self: self.serving.export_max_ndcg_delta)
+    # ---- flat views (the names the code has always used): FLAT_NAMES, plus these three,
+    # whose defaults derive from the ports ------------------------------------------------------
 
     @property
     def s3_endpoint_url(self) -> str | None:
@@ -580,22 +578,18 @@ class Settings(BaseSettings):
         return env
 
 
+def _flat_view(group: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, group), name), doc=f"``settings.{group}.{name}``")
+
+
+for _flat, (_group, _name) in FLAT_NAMES.items():
+    if not hasattr(Settings, _flat):  # s3_endpoint_url, mlflow_tracking_uri, airflow_url: computed above
+        setattr(Settings, _flat, _flat_view(_group, _name))
+
+
 # secrets a child process of the pipeline (training subprocess, torchrun ranks) needs
 CHILD_SECRETS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"})
 
-# the flat names the code has always used -> (group, field)
-FLAT_NAMES = {
-    "home": ("general", "home"), "seed": ("general", "seed"), "bucket": ("storage", "bucket"),
-    "s3_endpoint_url": ("storage", "s3_endpoint_url"), "aws_access_key_id": ("storage", "aws_access_key_id"),
-    "aws_secret_access_key": ("storage", "aws_secret_access_key"), "aws_region": ("storage", "aws_region"),
-    "s3_port": ("storage", "s3_port"), "mlflow_tracking_uri": ("mlflow", "tracking_uri"),
-    "mlflow_experiment": ("mlflow", "experiment"), "registered_model": ("mlflow", "registered_model"),
-    "mlflow_port": ("mlflow", "port"), "mlflow_tracking_username": ("mlflow", "tracking_username"),
-    "mlflow_tracking_password": ("mlflow", "tracking_password"), "airflow_url": ("airflow", "url"),
-    "airflow_port": ("airflow", "port"), "base_model": ("training", "base_model"),
-    "max_length": ("training", "max_length"), "product_text_template": ("training", "product_text_template"),
-    "train_threads": ("training", "train_threads"), "export_max_ndcg_delta": ("serving", "export_max_ndcg_delta"),
-}
 
 
 def _locate(key: str) -> tuple[str, str]:
