@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -439,7 +438,7 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
 
     from shoprank.datasets import load_lexical_stats, load_split
     from shoprank.evaluation import BM25Scorer, evaluate, plot_slice_metrics
-    from shoprank.evaluation.latency import paired_ratio, ranking_request, timed_rounds
+    from shoprank.evaluation.latency import median_ms, paired_ratio, ranking_request, timed_rounds
     from shoprank.evaluation.score_cache import cached_scorer
     from shoprank.mlflow_model import load_scorer
     from shoprank.promotion import GatePolicy
@@ -458,9 +457,10 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
                               logged_model_id(getattr(champion, "source", None)))
     # the models themselves are timed; their scores on an evaluation split are reused from S3
     # when the same model already scored the same rows (evaluation.score_cache)
-    scorers = {name: cached_scorer(fn, storage, key) for name, (fn, key) in models.items()}
-    scorers = {"challenger": scorers["challenger"], "bm25": bm25,
-               **({"champion": scorers["champion"]} if "champion" in scorers else {})}  # report order
+    cached = {name: cached_scorer(fn, storage, key) for name, (fn, key) in models.items()}
+    scorers = {"challenger": cached["challenger"], "bm25": bm25}  # the report's column order
+    if "champion" in cached:
+        scorers["champion"] = cached["champion"]
     sets = {"": load_split(storage, trained["snapshot"], "test")}
     for name, key in (extra_test or {}).items():
         sets[name + "_"] = storage.read_parquet(key)
@@ -482,7 +482,7 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     policy = GatePolicy.from_env()
     request = ranking_request(sets[""], policy.latency_candidates)
     rounds = timed_rounds({name: fn for name, (fn, _key) in models.items()}, request)
-    timed = {k: float(statistics.median(v)) for k, v in rounds.items()}
+    timed = median_ms(rounds)
     metrics["latency_candidates"] = float(policy.latency_candidates)
     metrics["latency_ms_per_request"] = timed["challenger"]
     if "champion" in timed:

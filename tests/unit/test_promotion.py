@@ -136,14 +136,16 @@ def test_validation_status_comes_from_the_validate_tasks_results():
 def test_latency_request_and_side_by_side_rounds():
     import pandas as pd
 
-    from shoprank.evaluation.latency import ranking_request, side_by_side
+    from shoprank.evaluation.latency import median_ms, ranking_request, timed_rounds
 
     test = pd.DataFrame({"query": ["a"] * 3 + ["b"] * 5, "text": list("xyz") + list("pqrst")})
     request = ranking_request(test, 12)
     assert len(request) == 12 and set(request["query"]) == {"b"} and request["text"].tolist()[:6] == list("pqrstp")
     calls = []
-    timed = side_by_side({"challenger": lambda d: calls.append("c"), "champion": lambda d: calls.append("h")},
-                         request, rounds=3, warmup=1)
+    rounds = timed_rounds({"challenger": lambda d: calls.append("c"), "champion": lambda d: calls.append("h")},
+                          request, rounds=3, warmup=1)
+    assert all(len(ts) == 3 for ts in rounds.values())
+    timed = median_ms(rounds)
     assert set(timed) == {"challenger", "champion"} and all(v >= 0 for v in timed.values())
     assert calls == ["c", "h", "c", "h", "h", "c", "c", "h"]  # warm-up, then alternating order
 

@@ -9,7 +9,7 @@ one minute and 40 the next.  So:
   (:func:`ranking_request`);
 * each ranker is warmed up (``warmup`` calls), then timed for ``rounds`` rounds; in every
   round each ranker scores the same request once, in alternating order, so background load
-  hits them alike; the figure is the **median** over rounds (:func:`side_by_side`);
+  hits them alike (:func:`timed_rounds`); the figure is the **median** over rounds (:func:`median_ms`);
 * the gate compares the challenger with the champion timed in the same run as a **ratio**,
   the median over rounds of the two calls of each round (:func:`paired_ratio`;
   ``SHOPRANK_GATE_MAX_LATENCY_RATIO``, default 1.25), plus a generous absolute per-request
@@ -42,10 +42,9 @@ def ranking_request(test: pd.DataFrame, n_candidates: int = 50) -> pd.DataFrame:
     return pd.DataFrame({"query": [query] * n_candidates, "text": texts})
 
 
-def side_by_side(scorers: Mapping[str, ScoreFn], request: pd.DataFrame, rounds: int = 7,
-                 warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per request of each scorer (see the module docstring)."""
-    return {name: float(statistics.median(ts)) for name, ts in timed_rounds(scorers, request, rounds, warmup).items()}
+def median_ms(rounds: Mapping[str, list[float]]) -> dict[str, float]:
+    """Median milliseconds per request of each scorer over its timed rounds."""
+    return {name: float(statistics.median(ts)) for name, ts in rounds.items()}
 
 
 def paired_ratio(rounds: Mapping[str, list[float]], numerator: str, denominator: str) -> float:
