@@ -84,13 +84,13 @@ def shoprank_daily_update():
     def validate_feedback() -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from shoprank.daily import merge_late_feedback, pending_late_days
+        from shoprank.serving.events import late_event_days, merge_late_events
         from shoprank.validation import EmptyPartition, validate_partition
         from shoprank.workflow import outcome_dict
 
         day, storage = _day(), task_storage()
-        merge_late_feedback(storage, day)  # a re-run of D validates D's late events with the rest
-        for late in pending_late_days(storage, before=day):
+        merge_late_events(storage, day)  # a re-run of D validates D's late events with the rest
+        for late in late_event_days(storage, before=day):
             print(f"late events of {late} wait in raw/feedback_late/dt={late}/: `shoprank events merge-late "
                   f"--date {late}`, then re-run {late} to validate them")
         try:

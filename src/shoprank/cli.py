@@ -14,7 +14,7 @@ import os
 import sys
 import textwrap
 
-from shoprank.config import ConfigError, get_settings, settings_table
+from shoprank.config import ConfigError, get_settings
 
 log = logging.getLogger("shoprank")
 
@@ -211,19 +211,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from shoprank.daily import merge_late_feedback, pending_late_days
+    from shoprank.serving.events import late_event_days, merge_late_events
     from shoprank.storage import Storage
 
     storage = Storage(get_settings())
     if args.action == "pending":
-        days = pending_late_days(storage, before="9999-12-31")
+        days = late_event_days(storage, before="9999-12-31")
         print("\n".join(f"raw/feedback_late/dt={d}/" for d in days) if days else "no late events are waiting")
         return 0
     if not args.date:
         print("shoprank events merge-late: --date YYYY-MM-DD is required", file=sys.stderr)
         return 2
     day = args.date.isoformat()
-    moved = merge_late_feedback(storage, day)
+    moved = merge_late_events(storage, day)
     print(f"moved {len(moved)} late part(s) into raw/feedback/dt={day}/" + "".join(f"\n  {k}" for k in moved))
     if moved:
         print(f"next: re-run the daily update of {day} (Airflow UI: Clear its run, or trigger shoprank_daily_update "

@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 
 
@@ -129,30 +128,6 @@ def feedback_readiness(storage: Storage, day: str, now: dt.datetime | None = Non
                              f"the day ended: {n} data file(s), no {marker}. The day is skipped, nothing was "
                              "validated or promoted. When the upload is complete, write that empty marker and "
                              f"clear this run (Airflow UI: Clear) or trigger {DAG_ID} for {day} again.")
-
-
-def merge_late_feedback(storage: Storage, day: str) -> list[str]:
-    """Before validating day D: bring D's late events (``raw/feedback_late/dt=D/``, written by
-    the ranking API after D was marked complete) into ``raw/feedback/dt=D/`` so that a run or
-    re-run of D validates them with the rest. Returns the keys moved."""
-    from shoprank.serving.events import merge_late_events
-
-    moved = merge_late_events(storage, day)
-    if moved:
-        log.info("merged %d late part(s) of %s from raw/feedback_late/ into raw/feedback/: %s", len(moved), day,
-                 ", ".join(moved))
-    return moved
-
-
-def pending_late_days(storage: Storage, before: str) -> list[str]:
-    """Days before ``before`` with late events waiting in ``raw/feedback_late/`` (their own
-    daily run already happened): run ``shoprank events merge-late --date D`` and re-run D."""
-    from shoprank.serving.events import LATE_ROOT
-    from shoprank.storage import scan_partition_keys
-
-    prefix = LATE_ROOT + "/"
-    scan = scan_partition_keys(prefix, storage.list_keys(prefix))
-    return [d for d in sorted(set(scan.incomplete) | set(scan.complete)) if d < before]
 
 
 class NotEnoughSignal(RuntimeError):

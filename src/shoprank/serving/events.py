@@ -544,7 +544,8 @@ class EventSink:
 
 def merge_late_events(storage: Any, day: str) -> list[str]:
     """Move late parts of ``day`` (``raw/feedback_late/dt=<day>/``) into ``raw/feedback/dt=<day>/``,
-    so that re-running that date validates them with the rest.  Returns the keys moved."""
+    so that a run or re-run of that date validates them with the rest (the daily update does
+    it before validating).  Returns the keys moved."""
     moved = []
     for key in storage.list_keys(f"{LATE_ROOT}/dt={day}/"):
         name = key.rsplit("/", 1)[-1]
@@ -554,4 +555,17 @@ def merge_late_events(storage: Any, day: str) -> list[str]:
         storage.copy(key, dst)
         storage.delete_prefix(key)
         moved.append(dst)
+    if moved:
+        log.info("merged %d late part(s) of %s from %s/ into %s/: %s", len(moved), day, LATE_ROOT, FEEDBACK_ROOT,
+                 ", ".join(moved))
     return moved
+
+
+def late_event_days(storage: Any, before: str) -> list[str]:
+    """Days before ``before`` with late events waiting in ``raw/feedback_late/`` (their own
+    daily run already happened): ``shoprank events merge-late --date D``, then re-run D."""
+    from shoprank.storage import scan_partition_keys
+
+    prefix = LATE_ROOT + "/"
+    scan = scan_partition_keys(prefix, storage.list_keys(prefix))
+    return [d for d in sorted(set(scan.incomplete) | set(scan.complete)) if d < before]
