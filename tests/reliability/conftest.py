@@ -6,11 +6,60 @@ fixtures' servers, which other tests share.  Every fault test's docstring says
 
 from __future__ import annotations
 
+import datetime as dt
+import io
 import uuid
+
 import mlflow
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from shoprank.stack import free_port
+from shoprank.validation import ValidationOptions, samples, validate_partition
+
+# ---- one raw partition through the real validation runner (the input suites) -----------------
+DAY = "2026-11-20"
+NOW = dt.datetime(2026, 11, 23, 6, 0, tzinfo=dt.timezone.utc)  # the suites' "now"
+OPTS = ValidationOptions(now=NOW, build_docs=False)
+IDS = pd.Index(samples.catalog(300, day=DAY)["product_id"])  # the catalogue feedback and judgments refer to
+
+
+def clean(dataset: str, day: str = DAY, n: int | None = None) -> pd.DataFrame:
+    """A clean batch of ``dataset`` for ``day`` (``n`` rows where the contract allows)."""
+    if dataset == "catalog":
+        return samples.catalog(n or 300, day=day)
+    if dataset == "queries":
+        return samples.queries(day=day)
+    if dataset == "judgments":
+        return samples.judgments(IDS, n=n or 300)
+    return samples.feedback(n or 2_000, day=day, ids=IDS)
+
+
+def parquet(df: pd.DataFrame | pa.Table, index: bool = False) -> bytes:
+    buf = io.BytesIO()
+    if isinstance(df, pa.Table):
+        pq.write_table(df, buf)
+    else:
+        df.to_parquet(buf, index=index)
+    return buf.getvalue()
+
+
+def put(storage, dataset: str, files: dict[str, bytes], day: str = DAY, complete: bool = True) -> dict:
+    """Upload ``files`` into the raw partition, then (``complete``) its ``_SUCCESS`` marker;
+    returns :func:`raw_state` of the partition."""
+    prefix = f"raw/{dataset}/dt={day}/"
+    for name, data in files.items():
+        storage.put_bytes(prefix + name, data)
+    if complete:
+        storage.put_bytes(prefix + "_SUCCESS", b"")
+    return raw_state(storage, prefix)
+
+
+def run(storage, dataset: str, run_id: str, day: str = DAY, options: ValidationOptions = OPTS):
+    ids = IDS if dataset in ("judgments", "feedback") else None
+    return validate_partition(storage, dataset, day, run_id, options, catalog_ids=ids)
 
 
 class ConstModel(mlflow.pyfunc.PythonModel):

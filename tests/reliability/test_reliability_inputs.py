@@ -11,8 +11,6 @@ The training path refuses a quarantined day and the champion does not move.
 
 from __future__ import annotations
 
-import datetime as dt
-import io
 import json
 
 import pandas as pd
@@ -23,53 +21,15 @@ from shoprank.validation import (
     MalformedPartition,
     ValidationError,
     ValidationFailed,
-    ValidationOptions,
     samples,
-    validate_partition,
 )
 
-from .conftest import raw_state
+from .conftest import DAY, IDS, clean, parquet, put, raw_state, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
-DAY = "2026-11-20"
 TODAY = "2026-11-23"  # "now" below is 06:00 UTC on this day
-NOW = dt.datetime(2026, 11, 23, 6, 0, tzinfo=dt.timezone.utc)
-OPTS = ValidationOptions(now=NOW, build_docs=False)
-CATALOG = samples.catalog(300, day=DAY)
-IDS = pd.Index(CATALOG["product_id"])
 FIGURES: dict[str, int] = {"bad_input_cases": 0, "adversarial_accepted": 0, "adversarial_refused": 0}
-
-
-def clean(dataset: str, day: str = DAY) -> pd.DataFrame:
-    if dataset == "catalog":
-        return samples.catalog(300, day=day)
-    if dataset == "queries":
-        return samples.queries(day=day)
-    if dataset == "judgments":
-        return samples.judgments(IDS, n=300)
-    return samples.feedback(2_000, day=day, ids=IDS)
-
-
-def parquet(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
-
-
-def put(storage, dataset: str, day: str, files: dict[str, bytes], complete: bool = True) -> dict[str, tuple[bytes, str]]:
-    """Upload ``files`` into the raw partition, then (``complete``) its ``_SUCCESS`` marker."""
-    prefix = f"raw/{dataset}/dt={day}/"
-    for name, data in files.items():
-        storage.put_bytes(prefix + name, data)
-    if complete:
-        storage.put_bytes(prefix + "_SUCCESS", b"")
-    return raw_state(storage, prefix)
-
-
-def run(storage, dataset: str, day: str, run_id: str):
-    ids = IDS if dataset in ("judgments", "feedback") else None
-    return validate_partition(storage, dataset, day, run_id, OPTS, catalog_ids=ids)
 
 
 def assert_nothing_lost(storage, exc, before, dataset: str, day: str, run_id: str) -> dict:
@@ -161,10 +121,10 @@ def test_broken_batch_is_quarantined_and_raw_untouched(storage, dataset, case, b
     Expected: ValidationFailed naming the check, column, file and an example; raw untouched;
     batch + reports in quarantine; nothing in validated/."""
     df = breakage(clean(dataset))
-    before = put(storage, dataset, DAY, {"part-00000.parquet": parquet(df)})
+    before = put(storage, dataset, day=DAY, files={"part-00000.parquet": parquet(df)})
     run_id = f"rel-{dataset}-" + "-".join(case.replace("(", "").replace(")", "").split())
     with pytest.raises(ValidationFailed) as info:
-        run(storage, dataset, DAY, run_id)
+        run(storage, dataset, day=DAY, run_id=run_id)
     msg = str(info.value)
     assert check in info.value.outcome.failed_checks, (info.value.outcome.failed_checks, msg)
     assert check in msg and needle in msg, msg
@@ -183,9 +143,9 @@ def test_future_timestamps_in_feedback_are_refused(storage):
     midnight = pd.Timestamp(TODAY, tz="UTC")
     fb["ts"] = midnight + (fb["ts"] - midnight) * 0.2  # the day so far: 00:00 - 04:48
     fb.loc[11, "ts"] = pd.Timestamp(TODAY + "T20:00:00", tz="UTC")
-    before = put(storage, "feedback", TODAY, {"part-00000.parquet": parquet(fb)})
+    before = put(storage, "feedback", day=TODAY, files={"part-00000.parquet": parquet(fb)})
     with pytest.raises(ValidationFailed) as info:
-        run(storage, "feedback", TODAY, "rel-future")
+        run(storage, "feedback", day=TODAY, run_id="rel-future")
     assert "ts_not_in_future" in info.value.outcome.failed_checks
     assert "part-00000.parquet row 11" in str(info.value)
     assert_nothing_lost(storage, info.value, before, "feedback", TODAY, "rel-future")
@@ -198,10 +158,10 @@ def test_malformed_files_are_quarantined(storage, dataset):
     good = clean(dataset)
     data = parquet(good)
     csv = good.head(20).to_csv(index=False) + "caf\u00e9,\n"
-    before = put(storage, dataset, DAY, {"part-00000.parquet": data[: len(data) - 300],
+    before = put(storage, dataset, day=DAY, files={"part-00000.parquet": data[: len(data) - 300],
                                          "extra.csv": csv.encode("latin-1", errors="replace")})
     with pytest.raises(MalformedPartition) as info:
-        run(storage, dataset, DAY, "rel-malformed")
+        run(storage, dataset, day=DAY, run_id="rel-malformed")
     msg = str(info.value)
     assert "part-00000.parquet" in msg and "truncated Parquet" in msg, msg
     assert "extra.csv" in msg and "not valid UTF-8" in msg, msg
@@ -213,9 +173,9 @@ def test_malformed_files_are_quarantined(storage, dataset):
 def test_empty_partition_is_skipped_not_failed(storage, dataset):
     """Fault: the producer delivered a file with zero rows.
     Expected: EmptyPartition (the daily DAG skips the day), not ValidationFailed; raw untouched."""
-    before = put(storage, dataset, DAY, {"part-00000.parquet": parquet(clean(dataset).head(0))})
+    before = put(storage, dataset, day=DAY, files={"part-00000.parquet": parquet(clean(dataset).head(0))})
     with pytest.raises(EmptyPartition) as info:
-        run(storage, dataset, DAY, "rel-empty")
+        run(storage, dataset, day=DAY, run_id="rel-empty")
     assert not isinstance(info.value, ValidationFailed)
     assert "zero rows" in str(info.value)
     assert_nothing_lost(storage, info.value, before, dataset, DAY, "rel-empty")
@@ -225,11 +185,11 @@ def test_huge_partition_vs_previous_day_is_quarantined(storage):
     """Fault: a day's click log is 8x the previous day's (a replayed/duplicated export).
     Expected: row_count_vs_previous_partition fails with the counts; raw untouched."""
     storage.write_partition(samples.feedback(2_000, day="2026-11-19", ids=IDS), "raw", "feedback", "2026-11-19")
-    run(storage, "feedback", "2026-11-19", "rel-prev")
+    run(storage, "feedback", day="2026-11-19", run_id="rel-prev")
     big = samples.feedback(16_000, day=DAY, ids=IDS, seed=3)
-    before = put(storage, "feedback", DAY, {"part-00000.parquet": parquet(big)})
+    before = put(storage, "feedback", day=DAY, files={"part-00000.parquet": parquet(big)})
     with pytest.raises(ValidationFailed) as info:
-        run(storage, "feedback", DAY, "rel-huge")
+        run(storage, "feedback", day=DAY, run_id="rel-huge")
     assert info.value.outcome.failed_checks == ["row_count_vs_previous_partition"]
     assert "16,000 rows" in str(info.value) or "16000 rows" in str(info.value), str(info.value)
     raw = f"raw/feedback/dt={DAY}/"
@@ -259,9 +219,9 @@ def test_adversarial_strings_are_handled_cleanly(storage, dataset, column, fmt):
     df.loc[rows, column] = ADVERSARIAL
     name = "part-00000.parquet" if fmt == "parquet" else "part-00000.csv"
     data = parquet(df) if fmt == "parquet" else df.to_csv(index=False).encode("utf-8")
-    before = put(storage, dataset, DAY, {name: data})
+    before = put(storage, dataset, day=DAY, files={name: data})
     try:
-        outcome = run(storage, dataset, DAY, f"rel-adv-{fmt}")
+        outcome = run(storage, dataset, day=DAY, run_id=f"rel-adv-{fmt}")
     except ValidationError as exc:  # a clean refusal is fine
         if getattr(exc, "outcome", None) is not None:
             assert_nothing_lost(storage, exc, before, dataset, DAY, f"rel-adv-{fmt}")
@@ -284,8 +244,8 @@ def test_extra_columns_such_as_raw_pii_never_reach_validated(storage):
     fb = clean("feedback")
     fb["email"] = "someone@example.com"
     fb["ip_address"] = "203.0.113.7"
-    put(storage, "feedback", DAY, {"part-00000.parquet": parquet(fb)})
-    run(storage, "feedback", DAY, "rel-extra")
+    put(storage, "feedback", day=DAY, files={"part-00000.parquet": parquet(fb)})
+    run(storage, "feedback", day=DAY, run_id="rel-extra")
     back = storage.read_partition("validated", "feedback", DAY)
     assert "email" not in back.columns and "ip_address" not in back.columns
     assert not any(b"someone@example.com" in storage.get_bytes(k) for k in storage.list_keys("validated/"))
@@ -307,9 +267,9 @@ def test_training_path_refuses_a_quarantined_day_and_the_champion_stays(storage,
     reg.promote(v, actor="setup")
     fb = clean("feedback")
     fb.loc[5, "event_type"] = "hover"
-    before = put(storage, "feedback", DAY, {"part-00000.parquet": parquet(fb)})
+    before = put(storage, "feedback", day=DAY, files={"part-00000.parquet": parquet(fb)})
     with pytest.raises(ValidationFailed) as info:
-        run(storage, "feedback", DAY, "rel-train-path")
+        run(storage, "feedback", day=DAY, run_id="rel-train-path")
     assert_nothing_lost(storage, info.value, before, "feedback", DAY, "rel-train-path")
     settings = model_settings.replaced(bucket=storage.bucket)
     with pytest.raises(Exception, match=rf"validated/feedback/dt={DAY}"):

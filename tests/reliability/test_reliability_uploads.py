@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
-import io
 import json
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from shoprank.validation import (
@@ -26,43 +24,17 @@ from shoprank.validation import (
     IncompletePartition,
     MalformedPartition,
     ValidationFailed,
-    ValidationOptions,
-    samples,
-    validate_partition,
 )
 from shoprank.validation.runner import safe_run_id
 
-from .conftest import raw_state
+from .conftest import DAY, clean, parquet, put, raw_state, run
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
-DAY = "2026-11-20"
-NOW = dt.datetime(2026, 11, 23, 6, 0, tzinfo=dt.timezone.utc)
-OPTS = ValidationOptions(now=NOW, build_docs=False)
-IDS = pd.Index(samples.catalog(300, day=DAY)["product_id"])
 FIGURES: dict[str, int] = {"cases": 0, "refused": 0, "accepted": 0}
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def clean(dataset: str, n: int | None = None) -> pd.DataFrame:
-    if dataset == "catalog":
-        return samples.catalog(n or 300, day=DAY)
-    if dataset == "queries":
-        return samples.queries(day=DAY)
-    if dataset == "judgments":
-        return samples.judgments(IDS, n=n or 300)
-    return samples.feedback(n or 2_000, day=DAY, ids=IDS)
-
-
-def parquet(df: pd.DataFrame | pa.Table, index: bool = False) -> bytes:
-    buf = io.BytesIO()
-    if isinstance(df, pa.Table):
-        pq.write_table(df, buf)
-    else:
-        df.to_parquet(buf, index=index)
-    return buf.getvalue()
-
-
 def csv_with(df: pd.DataFrame, cells: dict[tuple[int, str], str]) -> bytes:
     """``df`` as CSV text with some cells replaced by raw text, exactly as written."""
     lines = df.to_csv(index=False).splitlines()
@@ -72,20 +44,6 @@ def csv_with(df: pd.DataFrame, cells: dict[tuple[int, str], str]) -> bytes:
         parts[cols.index(col)] = text
         lines[row + 1] = ",".join(parts)
     return ("\n".join(lines) + "\n").encode()
-
-
-def put(storage, dataset: str, files: dict[str, bytes], day: str = DAY, complete: bool = True) -> dict:
-    prefix = f"raw/{dataset}/dt={day}/"
-    for name, data in files.items():
-        storage.put_bytes(prefix + name, data)
-    if complete:
-        storage.put_bytes(prefix + "_SUCCESS", b"")
-    return raw_state(storage, prefix)
-
-
-def run(storage, dataset: str, run_id: str, day: str = DAY, options: ValidationOptions = OPTS):
-    ids = IDS if dataset in ("judgments", "feedback") else None
-    return validate_partition(storage, dataset, day, run_id, options, catalog_ids=ids)
 
 
 def refused(storage, dataset: str, files: dict[str, bytes], run_id: str, error=ValidationFailed, day: str = DAY):
@@ -202,8 +160,8 @@ def test_daily_run_waits_for_an_incomplete_feedback_day_then_skips_it(storage):
     then give up (the run skips D, saying how to run it later); a complete or absent day is ready
     at once. Late events of D (raw/feedback_late/dt=D/) are merged into dt=D before validation,
     and late days of earlier dates are listed, never dropped."""
-    from shoprank.daily import UpdatePolicy, feedback_readiness, merge_late_feedback, pending_late_days
-    from shoprank.serving.events import part_key
+    from shoprank.daily import UpdatePolicy, feedback_readiness
+    from shoprank.serving.events import late_event_days, merge_late_events, part_key
 
     policy = UpdatePolicy(wait_hours=6)
     day_end = dt.datetime(2026, 11, 21, tzinfo=dt.timezone.utc)
@@ -221,12 +179,12 @@ def test_daily_run_waits_for_an_incomplete_feedback_day_then_skips_it(storage):
 
     storage.put_bytes(part_key(DAY, "late-1", late=True), data)
     storage.put_bytes(part_key("2026-11-18", "late-2", late=True), data)
-    assert pending_late_days(storage, before=DAY) == ["2026-11-18"]
-    moved = merge_late_feedback(storage, DAY)
+    assert late_event_days(storage, before=DAY) == ["2026-11-18"]
+    moved = merge_late_events(storage, DAY)
     assert moved == [f"raw/feedback/dt={DAY}/part-ev-late-1.parquet"]
     assert storage.list_keys(f"raw/feedback_late/dt={DAY}/") == []
     assert storage.get_bytes(moved[0]) == data
-    assert pending_late_days(storage, before="2026-12-31") == ["2026-11-18"]
+    assert late_event_days(storage, before="2026-12-31") == ["2026-11-18"]
     FIGURES["cases"] += 1
 
 
