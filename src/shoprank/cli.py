@@ -182,7 +182,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_registry(args: argparse.Namespace) -> int:
     import getpass
 
-    from shoprank.registry import Registry
+    from shoprank.registry import Registry, summary_line
     from shoprank.storage import Storage
 
     settings = get_settings()
@@ -197,7 +197,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
             print(f"{alias:<11} {'version ' + mv.version if mv else '-'}")
     elif args.action == "audit":
         for r in registry.audit_trail():
-            print(f"{r['ts']}  {r['action']:<9} {r['alias']:<10} v{r['version']:<4} by {r['actor']}: {r['reason']}")
+            print(summary_line(r))
     return 0
 
 

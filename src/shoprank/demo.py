@@ -123,10 +123,10 @@ def train_and_approve(client: AirflowClient, conf: dict, progress=print, option:
 
 
 def gate_verdict(registry, airflow_run_key: str) -> tuple[str | None, dict]:
-    """(version, tags) registered by a DAG run (None when it registered nothing)."""
+    """(version, evidence) registered by a DAG run (None when it registered nothing)."""
     for v in registry.client.search_model_versions(f"name='{registry.name}'"):
         if v.tags.get("airflow.run_key") == airflow_run_key:
-            return v.version, dict(v.tags)
+            return v.version, registry.evidence(v.version)
     return None, {}
 
 
@@ -233,7 +233,7 @@ def _story(days: int, products: int, queries: int, keep_running: bool) -> int:
     champion = registry.version_by_alias("champion")
     trajectory = []
     if champion is not None:
-        ctags = registry.tags(champion.version)
+        ctags = registry.evidence(champion.version)
         print(f"== 4. champion is version {champion.version}")
         trajectory.append((day0.isoformat(), "train: promoted", champion.version, float(ctags["ndcg_at_10"])))
     else:
@@ -319,7 +319,7 @@ def daily_loop(client: AirflowClient, settings, storage: Storage, registry, day0
         if run["state"] != "success":
             problems.append(f"{DAILY_DAG} for {day} ended {run['state']}: {states}")
         champion = registry.version_by_alias("champion")
-        ndcg = float(registry.tags(champion.version)["ndcg_at_10"]) if champion is not None else None
+        ndcg = float(registry.evidence(champion.version)["ndcg_at_10"]) if champion is not None else None
         out.append((day.isoformat(), "daily: promoted" if promoted else "daily: not promoted",
                     champion.version if champion else None, ndcg))
     # a corrupted day: quarantined, the model does not change
@@ -342,5 +342,5 @@ def daily_loop(client: AirflowClient, settings, storage: Storage, registry, day0
     if run["state"] != "failed" or states.get("validate_feedback") != "failed" or not quarantined or after != before:
         problems.append(f"the corrupted day {bad_day} was not stopped by validation: {states}")
     out.append((bad_day.isoformat(), "corrupted: quarantined", after,
-                float(registry.tags(after)["ndcg_at_10"]) if after else None))
+                float(registry.evidence(after)["ndcg_at_10"]) if after else None))
     return out, problems

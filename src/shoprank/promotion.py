@@ -1,8 +1,9 @@
 """Promotion policy: the gate that decides whether a challenger may be shown to a person,
 the approval card that person reads, and the optional auto-promotion rule.
 
-Inputs are a model version's tags (written at registration from the evaluation report), so
-the decision is reproducible from MLflow alone.  Metric tag names (identical across runs):
+Inputs are a model version's evidence (``Registry.evidence``: the metrics its evaluation
+logged on the version's run, the run's params and ``train.*`` tags, and the version's own
+tags), so the decision is reproducible from MLflow alone.  Names (identical across runs):
 
 * ``ndcg_at_10``, ``mrr_at_10``, ``recall_at_<k>``: the challenger on the test split, and
   ``bm25_<metric>`` / ``champion_<metric>`` for the baselines on the same candidates;
@@ -11,10 +12,10 @@ the decision is reproducible from MLflow alone.  Metric tag names (identical acr
 * ``delta_ndcg_at_10_vs_<baseline>_<slice>`` (+ ``_lo``/``_hi``) and ``<slice>_ndcg_at_10``
   per slice, e.g. ``<slice>`` = ``query_freq_bucket_tail`` (see shoprank.evaluation.report);
 * ``n_queries``: test queries with a relevant product (the evidence the deltas rest on);
-* ``validation_status``: ``passed`` when every validate task of the run succeeded (written by
-  ``register`` from the validate tasks' results);
-* ``champion_compared``: the champion version the evaluation compared with, or ``none``
-  (written by ``evaluate``: "no champion yet" is a recorded fact, never a missing value);
+* ``validation_status`` (a version tag): ``passed`` when every validate task of the run
+  succeeded (written by ``register`` from the validate tasks' results);
+* ``champion_compared`` (a version tag): the champion version the evaluation compared with,
+  or ``none`` (from ``evaluate``: "no champion yet" is a recorded fact, never a missing value);
 * ``latency_ms_per_request`` (median ms for one request of ``latency_candidates`` products),
   ``champion_latency_ms_per_request`` and ``latency_ratio_vs_champion``: the packaged models
   timed side by side in one run (``shoprank.evaluation.latency``).

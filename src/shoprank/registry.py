@@ -6,12 +6,19 @@ No stages (deprecated in MLflow): a version's role is given by aliases
 * ``champion``: the model serving traffic;
 * ``previous``: the champion before the last promotion (rollback target by default).
 
-Every alias move is audited twice, so "who promoted what, when, with which metrics" is
-answerable from MLflow or S3 alone, without the Airflow database:
+Where things live, so the registered model's page in the MLflow UI stays readable:
 
-* one JSON object per move under ``audit/registry/<model>/`` in S3 (append-only: a new
-  object per record, never rewritten), and
-* a registered-model tag ``audit.<UTC timestamp>`` on the MLflow registered model.
+* **metrics** on the version's run and its LoggedModel (where MLflow shows metrics), plus the
+  run's ``train.*`` and ``gate.<check>`` tags and its params; :meth:`Registry.evidence` joins
+  them with the version's tags for the gate, the approval card and the demo;
+* **a handful of version tags**: lineage (``mlflow_run_id``, ``airflow.*``, ``data_snapshot``,
+  ``git_sha``), what the gate needs to be sure of (``validation_status``,
+  ``champion_compared``), the gate's verdict (``gate_eligible``, ``gate_auto_promote``,
+  ``gate_reasons``) and who promoted or rejected it;
+* **the audit trail** in S3: one JSON object per alias move or rejection under
+  ``audit/registry/<model>/`` (append-only: a new object per record, never rewritten), with a
+  readable summary of the roles and the latest moves kept in the registered model's
+  description (what the MLflow UI shows at the top of the model page).
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ from shoprank.storage import Storage
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+# run tags that belong to a version's evidence (the rest of the run's tags is MLflow's own)
+EVIDENCE_RUN_TAG_PREFIXES = ("train.", "gate.")
+DESCRIPTION = ("shoprank cross-encoder ranker. Aliases: champion (serving), challenger (newest candidate), "
+               "previous (rollback target). Metrics: each version's run (Source run) and its logged model.")
+SUMMARY_MOVES = 10  # alias moves listed in the model's description (all of them: `shoprank registry audit`)
 
 
 def logged_model_id(model_uri: str | None) -> str | None:
@@ -63,6 +75,12 @@ class Registry:
         self.client = MlflowClient(tracking_uri=self.settings.mlflow_tracking_uri,
                                    registry_uri=self.settings.mlflow_tracking_uri)
         self.name = self.settings.registered_model
+
+    def _storage(self) -> Storage:
+        """The audit trail's home; built from the settings when none was given."""
+        if self.storage is None:
+            self.storage = Storage(self.settings)
+        return self.storage
 
     # ---- lookup ---------------------------------------------------------------------------
     def version_by_alias(self, alias: str):
@@ -104,9 +122,7 @@ class Registry:
         try:
             self.client.get_registered_model(self.name)
         except MlflowException:
-            self.client.create_registered_model(
-                self.name, description="shoprank cross-encoder ranker. Aliases: champion (serving), "
-                                       "challenger (newest candidate), previous (rollback target).")
+            self.client.create_registered_model(self.name, description=DESCRIPTION)
         model_id = logged_model_id(model_uri)
         # tags travel with the create call: a version never exists without them (its
         # ``airflow.run_key`` tag is what makes a retried registration find it instead of
@@ -130,6 +146,27 @@ class Registry:
 
     def tags(self, version: str) -> dict[str, str]:
         return dict(self.version(version).tags)
+
+    def evidence(self, version: str) -> dict[str, str]:
+        """Everything recorded about a version, as strings: its run's metrics (formatted like
+        tags), params (``param.<name>``) and ``train.*`` / ``gate.*`` tags, then the version's
+        own tags on top.  What the gate, the approval card and the demo read; a value the run
+        never logged is simply absent (the gate fails closed on it)."""
+        mv = self.version(version)
+        run_id = mv.run_id or mv.tags.get("mlflow_run_id")
+        out: dict[str, str] = {}
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+            except MlflowException as exc:
+                log.warning("version %s: its run %s cannot be read (%s); its metrics count as missing",
+                            version, run_id, exc)
+            else:
+                out.update({k: _tag_value(v) for k, v in run.data.metrics.items()})
+                out.update({f"param.{k}": v for k, v in run.data.params.items()})
+                out.update({k: v for k, v in run.data.tags.items() if k.startswith(EVIDENCE_RUN_TAG_PREFIXES)})
+        out.update(mv.tags)
+        return out
 
     # ---- promotion ------------------------------------------------------------------------------
     def promote(self, version: str, actor: str, reason: str = "", airflow_run: str | None = None,
@@ -213,17 +250,41 @@ class Registry:
         record = {"ts": _now(), "model": self.name, "action": action, "alias": alias, "version": version,
                   "actor": actor, "reason": reason, "airflow_run": airflow_run, "metrics": metrics or {},
                   **(extra or {})}
-        body = json.dumps(record, sort_keys=True)
-        if self.storage is not None:
-            key = f"audit/registry/{self.name}/{record['ts']}-{uuid.uuid4().hex[:8]}.json"
-            self.storage.put_bytes(key, body.encode(), "application/json")
-        self.client.set_registered_model_tag(self.name, f"audit.{record['ts']}", body[:4900])
+        key = f"audit/registry/{self.name}/{record['ts']}-{uuid.uuid4().hex[:8]}.json"
+        self._storage().put_bytes(key, json.dumps(record, sort_keys=True).encode(), "application/json")
+        self._write_summary()
         return record
 
     def audit_trail(self) -> list[dict]:
-        """All records, oldest first: from S3 when available, else from the MLflow tags."""
-        if self.storage is not None:
-            keys = self.storage.list_keys(f"audit/registry/{self.name}/")
-            return [json.loads(self.storage.get_bytes(k)) for k in keys]
-        tags = self.client.get_registered_model(self.name).tags
-        return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith("audit.")]
+        """All records, oldest first, from S3."""
+        storage = self._storage()
+        return [json.loads(storage.get_bytes(k)) for k in storage.list_keys(f"audit/registry/{self.name}/")]
+
+    def _write_summary(self) -> None:
+        """The model's description: the roles now and the latest moves, in words (the MLflow UI
+        shows it at the top of the model page).  Derived from S3 and rewritten on every move;
+        a failure here never undoes or hides a move (the S3 record is already written)."""
+        try:
+            roles = []
+            for alias in (CHAMPION, CHALLENGER, PREVIOUS):
+                mv = self.version_by_alias(alias)
+                roles.append(f"**{alias}**: {'version ' + mv.version if mv else 'none'}")
+            moves = [summary_line(r) for r in self.audit_trail()[-SUMMARY_MOVES:]]
+            text = "\n".join([DESCRIPTION, "", " · ".join(roles), "",
+                               f"Latest moves (all of them: `shoprank registry audit`, or "
+                               f"s3://{self.settings.bucket}/audit/registry/{self.name}/):", "",
+                               *(f"- {m}" for m in reversed(moves))])
+            self.client.update_registered_model(self.name, description=text)
+        except Exception as exc:  # noqa: BLE001 - the summary is a view of the trail, not the trail
+            log.warning("could not update the description of %s: %s", self.name, exc)
+
+
+def summary_line(record: dict) -> str:
+    """One audit record in words: ``2026-12-03 14:02 UTC: version 4 -> champion by alice (reason)``."""
+    ts = str(record.get("ts", ""))
+    when = f"{ts[:10]} {ts[11:16]} UTC" if len(ts) >= 16 else ts
+    what = {"reject": f"version {record.get('version')} rejected",
+            "rollback": f"rolled back: version {record.get('version')} -> {record.get('alias')}"}.get(
+        record.get("action"), f"version {record.get('version')} -> {record.get('alias')}")
+    reason = f" ({record['reason']})" if record.get("reason") else ""
+    return f"{when}: {what} by {record.get('actor', 'unknown')}{reason}"

@@ -54,6 +54,10 @@ class Lineage:
                 "airflow.try_number": str(self.try_number), "airflow.logical_date": self.logical_date or "",
                 "git_sha": git_sha()}
 
+    def version_tags(self) -> dict[str, str]:
+        """The lineage a model version keeps (the task and try are on the run)."""
+        return {k: v for k, v in self.tags().items() if k not in ("airflow.task_id", "airflow.try_number")}
+
 
 def git_sha() -> str:
     sha = get_settings().general.git_sha
@@ -333,12 +337,17 @@ def gate_version(settings: Settings, version: str, auto_promote_allowed: bool = 
         return {"version": str(version), "eligible": False, "auto_promote": False, "already_champion": True,
                 "reasons": [f"version {version} is already the champion"], "checks": {},
                 "card": f"Version {version} is already the champion; nothing to approve."}
-    tags = registry.tags(version)
+    tags = registry.evidence(version)
     policy = GatePolicy.from_env()
     if not auto_promote_allowed:
         policy = replace(policy, auto_promote=False)
     decision = evaluate_gate(tags, policy)
-    registry.set_tags(version, decision.as_tags())
+    # the verdict on the version; each check's outcome on the run, beside the metrics it read
+    verdict = decision.as_tags()
+    registry.set_tags(version, {k: v for k, v in verdict.items() if not k.startswith("gate.")})
+    for key, value in verdict.items():
+        if key.startswith("gate.") and tags.get("mlflow_run_id"):
+            registry.client.set_tag(tags["mlflow_run_id"], key, value)
     links = {"MLflow run": mlflow_ui_link(settings, tags.get("mlflow_run_id", ""), tags.get("experiment_id"))}
     if champion is not None and champion.run_id:
         from shoprank.links import compare_runs_url, mlflow_ui_base
@@ -369,7 +378,7 @@ def apply_approval(settings: Settings, storage: Storage, version: str, answer: d
     who = (answer.get("responded_by_user") or {}).get("name") or (answer.get("responded_by_user") or {}).get("id")
     comment = (answer.get("params_input") or {}).get("comment") or "approved in Airflow"
     return registry.promote(version, actor=who or "unknown", reason=comment, airflow_run=airflow_run,
-                            metrics=_headline_metrics(registry.tags(version)), approval=answer)
+                            metrics=_headline_metrics(registry.evidence(version)), approval=answer)
 
 
 def apply_auto_promotion(settings: Settings, storage: Storage, version: str, decision: dict,
@@ -379,7 +388,7 @@ def apply_auto_promotion(settings: Settings, storage: Storage, version: str, dec
         raise StepError(f"version {version} is not cleared for auto-promotion: {decision.get('reasons')}")
     registry = _registry(settings, storage)
     return registry.promote(version, actor="auto-promotion policy", reason=decision["checks"].get("auto_promote", ""),
-                            airflow_run=airflow_run, metrics=_headline_metrics(registry.tags(version)))
+                            airflow_run=airflow_run, metrics=_headline_metrics(registry.evidence(version)))
 
 
 def record_rejection(settings: Settings, storage: Storage, version: str, answer: dict | None, decision: dict,
@@ -494,13 +503,8 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     # on the run, and on the LoggedModel (MLflow 3's model view, search_logged_models) with the
     # test split as the dataset they were measured on
     test_set = log_snapshot_inputs(client, run_id, settings, trained["snapshot"], ("test",), "evaluation")[0]
-    model_id = logged_model_id(trained.get("model_uri"))
-    for k, v in metrics.items():
-        if v == v:  # skip NaN
-            client.log_metric(run_id, k, v, model_id=model_id, dataset_name=test_set.name,
-                              dataset_digest=test_set.digest)
     champion_compared = champion.version if champion else "none"  # explicit: the gate reads it
-    client.set_tag(run_id, "champion_version", champion_compared)
+    log_evaluation(client, run_id, metrics, champion_compared, logged_model_id(trained.get("model_uri")), test_set)
     client.set_tag(run_id, "bm25_mode", bm25.mode)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "evaluation.txt").write_text("\n\n".join(summaries))
@@ -510,6 +514,18 @@ def evaluate_model(settings: Settings, storage: Storage, trained: dict, extra_te
     print(f"MLflow run: {mlflow_ui_link(settings, run_id, trained.get('experiment_id'))}")
     return {"metrics": metrics, "champion_version": champion.version if champion else None,
             "champion_compared": champion_compared, "bm25_mode": bm25.mode}
+
+
+def log_evaluation(client, run_id: str, metrics: dict[str, float], champion_compared: str,
+                   model_id: str | None = None, test_set=None) -> None:
+    """The evaluation's metrics on the run and its LoggedModel (measured on ``test_set``, an
+    MLflow dataset), and which champion they were compared with.  NaN values are not logged:
+    the gate reads them as missing and fails closed."""
+    dataset = {"dataset_name": test_set.name, "dataset_digest": test_set.digest} if test_set is not None else {}
+    for k, v in metrics.items():
+        if v == v:  # skip NaN
+            client.log_metric(run_id, k, float(v), model_id=model_id, **dataset)
+    client.set_tag(run_id, "champion_version", champion_compared)
 
 
 def log_snapshot_inputs(client, run_id: str, settings: Settings, snapshot: str, splits: tuple[str, ...],
@@ -553,24 +569,32 @@ def register_model(settings: Settings, storage: Storage, trained: dict, evaluate
                    extra_tags: dict | None = None) -> dict:
     """Create the model version (idempotent per DAG run), tag it, point ``challenger`` at it."""
     registry = _registry(settings, storage)
-    for v in registry.client.search_model_versions(f"name='{registry.name}'"):
-        if v.tags.get("airflow.run_key") == lineage.run_key:
-            log.info("version %s was already registered by %s; reusing it", v.version, lineage.run_key)
-            registry.ensure_challenger(v.version, run_id=trained["mlflow_run_id"])  # a try that died half-way
-            return {"version": v.version, "reused": True}
-    tags: dict[str, Any] = {**evaluated["metrics"],
-                            "data_snapshot": trained["snapshot"], "mlflow_run_id": trained["mlflow_run_id"],
+    # the version keeps a handful of tags (the MLflow model page stays readable); metrics are on
+    # the run and its LoggedModel, and what was trained goes on the run as train.* tags
+    # (Registry.evidence joins them back for the gate and the approval card)
+    run_id = trained["mlflow_run_id"]
+    client = registry.client
+    for key, value in train_summary(trained).items():
+        client.set_tag(run_id, key, value)
+    tags: dict[str, Any] = {"data_snapshot": trained["snapshot"], "mlflow_run_id": run_id,
                             "experiment_id": trained.get("experiment_id", ""), "airflow.run_key": lineage.run_key,
-                            **train_summary(trained),
-                            **{f"param.{k}": v for k, v in trained.get("params", {}).items()},
-                            **lineage.tags(), **(extra_tags or {})}
+                            **lineage.version_tags(), **(extra_tags or {})}
     if validation_status is not None:  # absent: the gate fails closed on it
         tags["validation_status"] = validation_status
     if evaluated.get("champion_compared") is not None:  # absent: the gate fails closed on it
         tags["champion_compared"] = evaluated["champion_compared"]
     if data_docs:
         tags["data_docs"] = " ".join(data_docs)
-    version = registry.register(trained["model_uri"], trained["mlflow_run_id"], tags,
+    for v in client.search_model_versions(f"name='{registry.name}'"):
+        if v.tags.get("airflow.run_key") == lineage.run_key:
+            log.info("version %s was already registered by %s; reusing it", v.version, lineage.run_key)
+            # the run's metrics are those of this evaluation: the version says which champion
+            # and which data validation they belong to
+            registry.set_tags(v.version, {k: tags[k] for k in ("validation_status", "champion_compared")
+                                          if k in tags})
+            registry.ensure_challenger(v.version, run_id=run_id)  # a try that died half-way
+            return {"version": v.version, "reused": True}
+    version = registry.register(trained["model_uri"], run_id, tags,
                                 description=f"snapshot {trained['snapshot']}, DAG run {lineage.run_key}")
     print(f"registered {registry.name} version {version} (alias challenger)")
     return {"version": version, "reused": False}

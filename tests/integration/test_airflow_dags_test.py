@@ -149,7 +149,7 @@ def test_daily_update_dags_test_one_date_twice(dags_test_airflow, tmp_path):
     registry = Registry(settings, storage)
     versions = registry.known_versions()
     assert len(versions) == 1, versions
-    tags = registry.tags(versions[0])
+    tags = registry.evidence(versions[0])
     assert tags["daily.date"] == day and tags["daily.mode"] == "full"  # no champion -> full retrain
     assert registry.version_by_alias("champion").version == versions[0]  # approved over REST
     assert "recent_ndcg_at_10" in tags  # evaluated on the recent-feedback holdout as well

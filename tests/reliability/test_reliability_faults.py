@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from shoprank.registry import Registry
 from shoprank.stack import Stack, prepared_settings
 from shoprank.storage import SUCCESS_MARKER, Storage, StorageError, partition_prefix
-from shoprank.workflow import Lineage, apply_approval, gate_version, register_model
+from shoprank.workflow import Lineage, apply_approval, gate_version, log_evaluation, register_model
 
 from .conftest import log_const_model, private_stack_env
 from .faults import CuttingHttpProxy, CuttingTcpProxy
@@ -121,7 +121,12 @@ def fast_mlflow_retries(monkeypatch):
 
 
 def _trained(settings) -> dict:
+    """A logged model whose run holds EVALUATED's metrics (what evaluate_model logs)."""
+    from mlflow import MlflowClient
+
     model_uri, run_id = log_const_model(settings.mlflow_tracking_uri, fresh=True)
+    log_evaluation(MlflowClient(settings.mlflow_tracking_uri), run_id, EVALUATED["metrics"],
+                   EVALUATED["champion_compared"])
     return {"model_uri": model_uri, "mlflow_run_id": run_id, "snapshot": "snap-fault", "params": {}}
 
 

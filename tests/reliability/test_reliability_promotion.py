@@ -18,6 +18,7 @@ from shoprank.workflow import (
     apply_approval,
     apply_auto_promotion,
     gate_version,
+    log_evaluation,
     register_model,
 )
 
@@ -47,7 +48,7 @@ def reg(model_settings):
 def candidate(reg: Registry, run_key: str, good: bool = True, validation: str = "passed",
               vs_champion_lo: float | None = None) -> str:
     """Register a version through workflow.register_model (the DAG's path), compared with today's champion."""
-    model_uri, run_id = log_const_model(reg.settings.mlflow_tracking_uri)
+    model_uri, run_id = log_const_model(reg.settings.mlflow_tracking_uri, fresh=True)  # one run per version
     champion = reg.version_by_alias("champion")
     metrics = {"ndcg_at_10": 0.6 if good else 0.2, "delta_ndcg_at_10_vs_bm25": 0.1 if good else -0.2,
                "delta_ndcg_at_10_vs_bm25_lo": 0.05 if good else -0.3, "n_queries": 150.0,
@@ -59,6 +60,7 @@ def candidate(reg: Registry, run_key: str, good: bool = True, validation: str = 
     trained = {"model_uri": model_uri, "mlflow_run_id": run_id, "snapshot": "snap-rel", "params": {}}
     evaluated = {"metrics": metrics, "champion_version": champion.version if champion else None,
                  "champion_compared": champion.version if champion else "none"}
+    log_evaluation(reg.client, run_id, metrics, evaluated["champion_compared"])  # what evaluate_model logs
     out = register_model(reg.settings, reg.storage, trained, evaluated, Lineage(key=run_key),
                          validation_status=validation)
     return out["version"]

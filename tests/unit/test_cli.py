@@ -165,7 +165,7 @@ class _FakeRegistry:
                  "actor": "ops", "reason": "bad v4"}]
 
 
-def test_registry_actions_print_as_before(monkeypatch, capsys):
+def test_registry_actions_print_what_they_did(monkeypatch, capsys):
     import shoprank.mlflow_auth
     import shoprank.registry
     import shoprank.storage
@@ -185,7 +185,8 @@ def test_registry_actions_print_as_before(monkeypatch, capsys):
     assert cli.main(["registry", "status"]) == 0
     assert capsys.readouterr().out == "champion    version 4\nchallenger  -\nprevious    -\n"
     assert cli.main(["registry", "audit"]) == 0
-    assert capsys.readouterr().out == "2026-11-20T10:00:00  rollback  champion   v3    by ops: bad v4\n"
+    # one line per record, in the words of the MLflow model page's summary (registry.summary_line)
+    assert capsys.readouterr().out == "2026-11-20 10:00 UTC: rolled back: version 3 -> champion by ops (bad v4)\n"
 
 
 def test_airflow_env_turns_off_mlflow_progress_bars(tmp_path, monkeypatch):
