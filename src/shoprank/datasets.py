@@ -252,7 +252,7 @@ def build_snapshot(storage: Storage, params: SnapshotParams = SnapshotParams(), 
             raise
         files = storage.partition_files(params.zone, dataset, latest)
         sources[dataset] = {"date": latest,
-                            "files": {k: hashlib.sha256(storage.get_bytes(k)).hexdigest() for k in files}}
+                            "files": {k: storage.sha256(k) for k in files}}
         frames[dataset] = storage.read_partition(params.zone, dataset, latest)
     fingerprint = hashlib.sha256(json.dumps([sources, asdict(params)], sort_keys=True).encode()).hexdigest()[:10]
     snapshot = snapshot or f"{sources['judgments']['date']}-{fingerprint}"

@@ -21,8 +21,11 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import os
 import re
+import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -414,13 +417,45 @@ class Storage:
                       Config=self._transfer(multipart_threshold=COPY_MULTIPART_ABOVE))
 
     # ---- parquet ----------------------------------------------------------------------
+    # written to / read from a local temporary file and moved with the managed transfers above,
+    # so an object is never held as one bytes buffer beside its DataFrame
     def write_parquet(self, df: pd.DataFrame, key: str) -> str:
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        return self.put_bytes(key, buf.getvalue())
+        with tempfile.TemporaryDirectory(prefix="shoprank-s3-") as tmp:
+            path = os.path.join(tmp, "part.parquet")
+            df.to_parquet(path, index=False)
+            return self.upload_file(path, key)
 
-    def read_parquet(self, key: str) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(self.get_bytes(key)))
+    def read_parquet(self, key: str, columns: list[str] | None = None) -> pd.DataFrame:
+        with self.local_copy(key) as path:
+            return pd.read_parquet(path, columns=columns)
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[str]:
+        """``key`` streamed to a temporary local file (deleted on exit): for readers that
+        want a file (pyarrow, GX, engines) rather than bytes in memory."""
+        with tempfile.TemporaryDirectory(prefix="shoprank-s3-") as tmp:
+            path = os.path.join(tmp, key.rsplit("/", 1)[-1] or "object")
+            self.download_file(key, path)
+            yield path
+
+    def parquet_rows(self, key: str) -> int:
+        """Rows of a parquet object, from its footer (the object is streamed to a temp file)."""
+        import pyarrow.parquet as pq
+
+        with self.local_copy(key) as path:
+            return pq.read_metadata(path).num_rows
+
+    def sha256(self, key: str) -> str:
+        """SHA-256 of an object, streamed in 1 MiB chunks."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        try:
+            for chunk in self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].iter_chunks(1024 * 1024):
+                digest.update(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, self.settings, f"read {key}") from exc
+        return digest.hexdigest()
 
     def write_partition(self, df: pd.DataFrame, zone: str, dataset: str, day: dt.date | str,
                         rows_per_file: int = 500_000) -> list[str]:

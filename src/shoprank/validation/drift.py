@@ -80,7 +80,6 @@ Drift warns by default (``DriftOptions.mode="warn"``): the report is written to
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -464,7 +463,7 @@ def read_columns(storage, zone: str, dataset: str, day: str, columns: list[str])
     frames = []
     for key in storage.partition_files(zone, dataset, day):
         if key.endswith(".parquet"):
-            frames.append(pd.read_parquet(io.BytesIO(storage.get_bytes(key)), columns=columns))
+            frames.append(storage.read_parquet(key, columns=columns))
     if not frames:
         return pd.DataFrame(columns=columns)
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

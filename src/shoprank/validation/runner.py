@@ -557,14 +557,8 @@ def previous_row_count(storage, dataset: str, day: str) -> tuple[str | None, int
         summary = json.loads(storage.get_bytes(prefix + VALIDATED_SUMMARY))
         return prev, int(summary["row_count"])
     except (StorageError, ValueError, KeyError, TypeError):
-        import io
-
-        import pyarrow.parquet as pq
-
-        rows = 0
-        for key in storage.partition_files("validated", dataset, prev):
-            if key.endswith(".parquet"):
-                rows += pq.read_metadata(io.BytesIO(storage.get_bytes(key))).num_rows
+        rows = sum(storage.parquet_rows(key) for key in storage.partition_files("validated", dataset, prev)
+                   if key.endswith(".parquet"))
         return prev, rows
 
 
