@@ -75,18 +75,30 @@ def bm25_rank_fn():
 
 
 def simulate_and_write(settings: Settings, day: dt.date | str, n_sessions: int = 80, seed: int = 0,
-                       ranker: str = "champion", bot_fraction: float = 0.0) -> dict:
-    from shoprank.data.simulator import random_rank_fn, simulate_day, write_day
+                       ranker: str = "champion", bot_fraction: float = 0.0, n_events: int | None = None) -> dict:
+    """Simulate ``day`` against ``ranker`` and write raw/feedback/dt=day/ (with that day's catalogue).
 
+    ``n_sessions`` sessions are played one request at a time (:func:`~shoprank.data.simulator.
+    simulate_day`, any ranker: champion, bm25, oracle, random).  With ``n_events`` the day is
+    generated in bulk instead (:func:`~shoprank.data.bulk_simulator.write_day_bulk`: about that
+    many events, vectorised, written 1M events per part; rankers random and oracle only).
+    """
+    from shoprank.data.bulk_simulator import RANKERS as BULK_RANKERS
+    from shoprank.data.simulator import oracle_rank_fn, random_rank_fn, simulate_day, write_day
+
+    if n_events is not None and ranker not in BULK_RANKERS:
+        raise ValueError(f"bulk simulation (n_events) ranks with {' or '.join(BULK_RANKERS)}, not {ranker}: "
+                         "the champion and BM25 rank one request at a time (pass n_sessions instead)")
     storage = Storage(settings)
     market = load_marketplace(storage)
     version = None
-    if ranker == "champion":
+    rank_fn = random_rank_fn  # the bulk path ranks by name (random / oracle), not with a rank_fn
+    if n_events is None and ranker == "champion":
         rank_fn, version = champion_rank_fn(settings)
-    elif ranker == "bm25":
+    elif n_events is None and ranker == "bm25":
         rank_fn = bm25_rank_fn()
-    else:
-        rank_fn = random_rank_fn
+    elif n_events is None and ranker == "oracle":
+        rank_fn = oracle_rank_fn(market)
     day = day.isoformat() if isinstance(day, dt.date) else day
     # The catalogue of that day (new products appear: cold start) goes in with the feedback.
     from shoprank.data.contracts import CATALOG
@@ -96,9 +108,17 @@ def simulate_and_write(settings: Settings, day: dt.date | str, n_sessions: int =
 
     # the key serving pseudonymises with (env / .env / stack.env; read, never generated)
     key = user_hash_key(home=settings.home)
+    candidates = dict(n_category_candidates=8, n_fresh_candidates=2, n_random_candidates=6)
+    if n_events is not None:
+        from shoprank.data.bulk_simulator import write_day_bulk
+
+        bulk = write_day_bulk(storage, market, day, n_events=n_events, seed=seed, ranker=ranker,
+                              bot_fraction=bot_fraction, hmac_key=key, **candidates)
+        log.info("simulated %s in bulk with ranker %s: %s", day, ranker, bulk.by_type)
+        return {"date": day, "ranker": ranker, "model_version": None, "events": bulk.events,
+                "by_type": dict(bulk.by_type), "mode": "bulk", "sessions": bulk.sessions, "parts": bulk.parts}
     events = simulate_day(market, day, rank_fn, n_sessions=n_sessions, seed=seed, model_version=version,
-                          bot_fraction=bot_fraction, hmac_key=key, n_category_candidates=8, n_fresh_candidates=2,
-                          n_random_candidates=6)
+                          bot_fraction=bot_fraction, hmac_key=key, **candidates)
     write_day(storage, market, day, events)
     counts = events["event_type"].value_counts().to_dict()
     log.info("simulated %s with ranker %s (version %s): %s", day, ranker, version, counts)

@@ -40,7 +40,11 @@ session ids are listed in ``events.attrs["bot_session_ids"]`` (not written to st
 
 Cost: one ``rank_fn`` call per request, ~50 candidates each (about 1 ms of simulator work
 per request on these machines; a CPU cross-encoder at ~75 pairs/s makes that ~0.7 s, so
-size ``n_sessions`` and the candidate counts to the ranker).
+size ``n_sessions`` and the candidate counts to the ranker).  For millions of events use the
+bulk path, :mod:`shoprank.data.bulk_simulator` (``write_day_bulk``): the same model drawn for
+whole batches with numpy and written in parts (random or hidden-relevance rankers only; ~15 s
+for 10M events).  The probabilities, delays and counts above are the functions and constants
+below (:func:`attraction`, :data:`CLICK_GAP_US`, ...), shared by both paths.
 
 Identifiers: ``event_id``, ``request_id`` and ``session_id`` are random 128-bit hex strings
 drawn from the seeded generator (same seed, same ids); ``user_id`` is
@@ -83,8 +87,74 @@ IMPRESSION, CLICK, ADD_TO_CART, PURCHASE = range(4)
 _EVENT_NAMES = np.array(EVENT_TYPES, dtype=object)
 assert tuple(_EVENT_NAMES) == ("impression", "click", "add_to_cart", "purchase")
 
+# ---- the shopper model: shared by simulate_day and the bulk simulator ------------------------
+# (shoprank.data.bulk_simulator draws the same quantities for whole batches of requests; keep
+# every number here so that the two paths cannot drift apart)
+
 # Share of sessions per hour of day (UTC): quiet nights, busy evenings.
 _HOURLY = np.array([2, 1, 1, 1, 1, 2, 3, 4, 5, 6, 6, 6, 7, 6, 6, 6, 6, 7, 8, 9, 9, 8, 6, 4], dtype=float)
+HOUR_US = 3_600_000_000
+# A human session issues 1 + min(Poisson(HUMAN_EXTRA_QUERIES), HUMAN_MAX_QUERIES - 1) queries,
+# PREFERRED_DEPARTMENT_SHARE of them among the queries of the user's preferred department.
+HUMAN_EXTRA_QUERIES = 0.8
+HUMAN_MAX_QUERIES = 5
+PREFERRED_DEPARTMENT_SHARE = 0.5
+# Bots: Generator.integers(*BOT_REQUESTS) requests (15-40), each shown result clicked with BOT_CLICK_RATE.
+BOT_REQUESTS = (15, 41)
+BOT_CLICK_RATE = 0.85
+# Delays in microseconds, drawn uniformly from [lo, hi) (Generator.integers).
+CLICK_GAP_US = (2_000_000, 40_000_000)  # between successive results examined (cumulative)
+CART_DELAY_US = (5_000_000, 120_000_000)  # click -> add_to_cart
+PURCHASE_DELAY_US = (10_000_000, 300_000_000)  # add_to_cart -> purchase
+NEXT_QUERY_GAP_US = (5_000_000, 90_000_000)  # last event of a request -> the next request
+BOT_CLICK_GAP_US = (200_000, 1_500_000)
+BOT_NEXT_QUERY_GAP_US = (1_000_000, 3_000_000)
+
+
+def session_starts(rng: np.random.Generator, n_sessions: int, day_start: int) -> np.ndarray:
+    """Session start times (µs, UTC) inside the day, following the hourly curve."""
+    hours = rng.choice(24, size=n_sessions, p=_HOURLY / _HOURLY.sum())
+    return day_start + hours * HOUR_US + rng.integers(0, HOUR_US, size=n_sessions)
+
+
+def bot_session_count(n_sessions: int, bot_fraction: float) -> int:
+    """``bot_fraction`` of ``n_sessions``, rounded, at least one when the fraction is > 0."""
+    n_bots = 0 if bot_fraction == 0 else max(1, int(round(n_sessions * bot_fraction)))
+    return min(n_bots, n_sessions)
+
+
+def bot_user_count(n_bots: int) -> int:
+    """How many distinct bot user ids the bot sessions share (bots come back)."""
+    return max(1, n_bots // 2 + 1)
+
+
+def bot_user_id(i: int) -> str:
+    return f"bot-{int(i):04d}"
+
+
+def examination(positions: np.ndarray, eta: float) -> np.ndarray:
+    """P(examined | 1-based position) = 1 / position ** eta."""
+    return 1.0 / np.asarray(positions, dtype=float) ** eta
+
+
+def attraction(rel: np.ndarray, fav: np.ndarray) -> np.ndarray:
+    """P(attractive | relevance, preferred brand)."""
+    return np.minimum(1.0, 0.03 + 0.92 * rel**2 + 0.1 * fav)
+
+
+def price_factor(price_sensitivity: np.ndarray | float, price_pct: np.ndarray) -> np.ndarray:
+    """1 - 0.7 x the user's price sensitivity x the product's price percentile in its leaf."""
+    return 1.0 - 0.7 * price_sensitivity * price_pct
+
+
+def cart_probability(rel: np.ndarray, pf: np.ndarray, fav: np.ndarray) -> np.ndarray:
+    """P(add_to_cart | click)."""
+    return np.minimum(1.0, (0.05 + 0.45 * rel**2) * pf * np.where(fav, 1.3, 1.0))
+
+
+def purchase_probability(rel: np.ndarray, pf: np.ndarray) -> np.ndarray:
+    """P(purchase | add_to_cart)."""
+    return np.minimum(1.0, (0.3 + 0.5 * rel) * pf)
 
 
 def resolve_hash_key(key: bytes | str | None) -> bytes:
@@ -186,39 +256,37 @@ def simulate_day(marketplace: Marketplace, day: dt.date | str, rank_fn: RankFn, 
     q_top = LEAF_TOP[t.q_leaf]
     top_q = {int(k): np.nonzero(q_top == k)[0] for k in np.unique(q_top)}
     user_p = t.user_activity / t.user_activity.sum()
-    examine = 1.0 / np.arange(1, top_k + 1, dtype=float) ** eta
+    examine = examination(np.arange(1, top_k + 1), eta)
 
-    n_bots = 0 if bot_fraction == 0 else max(1, int(round(n_sessions * bot_fraction)))
-    n_bots = min(n_bots, n_sessions)
+    n_bots = bot_session_count(n_sessions, bot_fraction)
     is_bot = np.zeros(n_sessions, dtype=bool)
     is_bot[rng.choice(n_sessions, size=n_bots, replace=False)] = True
-    hours = rng.choice(24, size=n_sessions, p=_HOURLY / _HOURLY.sum())
-    session_start = start_us + hours * 3_600_000_000 + rng.integers(0, 3_600_000_000, size=n_sessions)
+    session_start = session_starts(rng, n_sessions, start_us)
 
     events = _Log()
     req_session: list[int] = []
     req_query: list[int] = []
     session_user: list[str] = []
-    n_bot_ids = max(1, n_bots // 2 + 1)
+    n_bot_ids = bot_user_count(n_bots)
     progress_every = max(1, n_sessions // 5)
     leaf_pools: dict[int, np.ndarray] = {}
 
     for s in range(n_sessions):
         now = int(session_start[s])
         if is_bot[s]:
-            session_user.append(f"bot-{int(rng.integers(n_bot_ids)):04d}")
-            n_req = int(rng.integers(15, 41))
+            session_user.append(bot_user_id(rng.integers(n_bot_ids)))
+            n_req = int(rng.integers(*BOT_REQUESTS))
             u = -1
         else:
             u = int(rng.choice(len(user_p), p=user_p))
             session_user.append(str(mp.users["user_id"].iat[u]))
-            n_req = 1 + min(int(rng.poisson(0.8)), 4)
+            n_req = 1 + min(int(rng.poisson(HUMAN_EXTRA_QUERIES)), HUMAN_MAX_QUERIES - 1)
         for _ in range(n_req):
             if is_bot[s]:
                 qi = int(rng.integers(len(q_text)))
             else:
                 pref = top_q.get(int(t.user_top[u]))
-                if pref is not None and rng.random() < 0.5:
+                if pref is not None and rng.random() < PREFERRED_DEPARTMENT_SHARE:
                     qi = int(pref[rng.choice(len(pref), p=q_p[pref] / q_p[pref].sum())])
                 else:
                     qi = int(rng.choice(len(q_text), p=q_p))
@@ -250,28 +318,26 @@ def simulate_day(marketplace: Marketplace, day: dt.date | str, rank_fn: RankFn, 
             rel = mp.relevance_by_index(qi, shown)
 
             if is_bot[s]:
-                clicked = rng.random(k) < 0.85
-                c_ts = now + np.cumsum(rng.integers(200_000, 1_500_000, size=k))[clicked]
+                clicked = rng.random(k) < BOT_CLICK_RATE
+                c_ts = now + np.cumsum(rng.integers(*BOT_CLICK_GAP_US, size=k))[clicked]
                 events.add(c_ts, req, shown[clicked], pos[clicked], CLICK)
                 now = int(c_ts[-1]) if len(c_ts) else now
-                now += int(rng.integers(1_000_000, 3_000_000))
+                now += int(rng.integers(*BOT_NEXT_QUERY_GAP_US))
                 continue
 
             fav = np.isin(t.brand[shown], t.user_brands[u])
-            attract = np.minimum(1.0, 0.03 + 0.92 * rel**2 + 0.1 * fav)
-            clicked = (rng.random(k) < examine[:k]) & (rng.random(k) < attract)
-            price_factor = 1.0 - 0.7 * t.user_price_sensitivity[u] * t.price_pct[shown]
-            p_cart = np.minimum(1.0, (0.05 + 0.45 * rel**2) * price_factor * np.where(fav, 1.3, 1.0))
-            carted = clicked & (rng.random(k) < p_cart)
-            bought = carted & (rng.random(k) < np.minimum(1.0, (0.3 + 0.5 * rel) * price_factor))
-            c_ts = now + np.cumsum(rng.integers(2_000_000, 40_000_000, size=k))
-            a_ts = c_ts + rng.integers(5_000_000, 120_000_000, size=k)
-            b_ts = a_ts + rng.integers(10_000_000, 300_000_000, size=k)
+            clicked = (rng.random(k) < examine[:k]) & (rng.random(k) < attraction(rel, fav))
+            pf = price_factor(t.user_price_sensitivity[u], t.price_pct[shown])
+            carted = clicked & (rng.random(k) < cart_probability(rel, pf, fav))
+            bought = carted & (rng.random(k) < purchase_probability(rel, pf))
+            c_ts = now + np.cumsum(rng.integers(*CLICK_GAP_US, size=k))
+            a_ts = c_ts + rng.integers(*CART_DELAY_US, size=k)
+            b_ts = a_ts + rng.integers(*PURCHASE_DELAY_US, size=k)
             events.add(c_ts[clicked], req, shown[clicked], pos[clicked], CLICK)
             events.add(a_ts[carted], req, shown[carted], pos[carted], ADD_TO_CART)
             events.add(b_ts[bought], req, shown[bought], pos[bought], PURCHASE)
             last = max([now] + [int(x.max()) for x in (c_ts[clicked], a_ts[carted], b_ts[bought]) if len(x)])
-            now = last + int(rng.integers(5_000_000, 90_000_000))
+            now = last + int(rng.integers(*NEXT_QUERY_GAP_US))
         if (s + 1) % progress_every == 0:
             log.info("simulate %s: %d/%d sessions, %d requests", day, s + 1, n_sessions, len(req_session))
 
