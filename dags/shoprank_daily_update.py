@@ -1,17 +1,24 @@
 """Daily incremental update from yesterday's feedback logs.
 
-One run per logical date D, processing the feedback of day D (it starts once D is over;
-catchup: missed days run in order, one at a time):
-wait_for_feedback (an upload in progress waits for its _SUCCESS marker) -> validate_catalog
-(of day D, if delivered) -> validate_feedback (D's late events merged first) -> prepare (labels, replay mix, warm/full decision) -> train (warm start
-from @champion) -> evaluate (golden test set + recent-feedback holdout) -> register ->
-gate -> auto-promote (if SHOPRANK_AUTO_PROMOTE and significant) or approve (HITL) -> promote.
+One run per day D, processing the feedback of day D. What starts it (SHOPRANK_DAILY_TRIGGER):
+`schedule` (default) the clock, once D is over, with logical date D (catchup: missed days run
+in order, one at a time); `asset` a "D landed" event on the asset `shoprank-feedback-raw`
+(`shoprank events landed --date D`), one run per day with partition key D. A manual trigger
+with a logical date works in both modes.
+
+wait_for_feedback (an upload in progress waits for its _SUCCESS marker) -> validate_catalog (of
+day D, if delivered; else skipped) -> validate_feedback (D's late events merged first) -> prepare
+(labels, replay mix, warm/full decision) -> train (warm start from @champion) -> evaluate (golden
+test set + recent-feedback holdout) -> register -> gate -> auto-promote (if SHOPRANK_AUTO_PROMOTE
+and significant) or approve (HITL) -> promote.
 
 An empty feedback partition skips the day (not a failure); an incomplete one (parts, no
 `_SUCCESS`) waits up to SHOPRANK_DAILY_WAIT_HOURS after D ended, then skips; a bad one is quarantined and the
 run fails with the report, leaving the champion untouched. Re-running a date reuses that
-date's training and model version (see shoprank.daily). Backfill a range with
-`airflow backfill create --dag-id shoprank_daily_update --from-date ... --to-date ...`.
+date's training and model version (see shoprank.daily), however the run started. Backfill a
+range with `airflow backfill create --dag-id shoprank_daily_update --from-date ... --to-date ...`
+(schedule mode), or announce each day (asset mode). The validate tasks emit the validated
+partitions as asset events (shoprank.assets).
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from dataclasses import replace
 
 import pendulum
 from airflow.sdk import PokeReturnValue, dag, get_current_context, task
-from airflow.timetables.interval import CronDataIntervalTimetable
 
-from shoprank.airflow_support import lineage_from_context, promotion_tasks, task_settings, task_storage
+from shoprank.airflow_support import (daily_schedule, emit_validated, lineage_from_context, promotion_tasks,
+                                      run_day, task_settings, task_storage)
+from shoprank.assets import raw_asset, validated_asset
 from shoprank.config import get_settings
 from shoprank.daily import UpdatePolicy
 
@@ -31,17 +39,18 @@ WAIT = UpdatePolicy.from_env(SETTINGS).feedback_wait()
 START = pendulum.parse(SETTINGS.daily.start_date, tz="UTC")
 CATCHUP = SETTINGS.daily.catchup
 TRAIN_QUEUE = SETTINGS.airflow.train_queue
+BUCKET = SETTINGS.bucket
 
 
 def _day() -> str:
-    """The feedback day a run processes: its logical date (= start of its daily data interval)."""
-    return get_current_context()["logical_date"].strftime("%Y-%m-%d")
+    """The feedback day a run processes: its logical date (clock, manual, backfill), else its
+    partition key (asset-triggered), else the triggering asset events' extra date."""
+    return run_day(get_current_context())
 
 
 @dag(
     dag_id="shoprank_daily_update",
-    # data-interval semantics: the run for day D starts after D ends, with logical date D
-    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    schedule=daily_schedule(SETTINGS),  # the clock, or "D landed" asset events: see daily_schedule
     start_date=START,
     catchup=CATCHUP,
     max_active_runs=1,
@@ -49,25 +58,31 @@ def _day() -> str:
     doc_md=__doc__,
 )
 def shoprank_daily_update():
-    @task
+    @task(outlets=[validated_asset(BUCKET, "catalog")])
     def validate_catalog() -> dict:
-        """The day's catalogue first (new products appear daily): feedback is checked against it."""
+        """The day's catalogue first (new products appear daily): feedback is checked against it.
+        None delivered (or empty): skipped, so no asset event; the latest validated one is used."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from shoprank.validation import EmptyPartition, validate_partition
         from shoprank.workflow import outcome_dict
 
-        day, storage = _day(), task_storage()
+        day, storage, ctx = _day(), task_storage(), get_current_context()
         if day not in storage.list_partitions("raw", "catalog"):
-            print(f"no catalogue partition for {day}: feedback is checked against the latest validated one")
-            return {"dataset": "catalog", "date": day, "status": "absent"}
+            raise AirflowSkipException(f"no catalogue partition for {day}: feedback is checked against the latest "
+                                       "validated one")
         try:
-            outcome = validate_partition(storage, "catalog", day, run_id=get_current_context()["ti"].run_id)
+            outcome = validate_partition(storage, "catalog", day, run_id=ctx["ti"].run_id)
         except EmptyPartition as exc:
-            print(f"empty catalogue partition for {day} ({exc}); using the latest validated one")
-            return {"dataset": "catalog", "date": day, "status": "empty"}
+            raise AirflowSkipException(f"empty catalogue partition for {day} ({exc}); using the latest validated "
+                                       "one") from None
         print(outcome.summary())
-        return outcome_dict(outcome, "catalog", day)
+        result = outcome_dict(outcome, "catalog", day)
+        emit_validated(ctx, result, storage)
+        return result
 
-    @task.sensor(poke_interval=WAIT.poke_seconds, timeout=WAIT.timeout_seconds, mode="reschedule")
+    @task.sensor(poke_interval=WAIT.poke_seconds, timeout=WAIT.timeout_seconds, mode="reschedule",
+                 inlets=[raw_asset(BUCKET, "feedback")])
     def wait_for_feedback() -> PokeReturnValue:
         """An upload still in progress (parts, no _SUCCESS) waits; after SHOPRANK_DAILY_WAIT_HOURS the day is skipped."""
         from airflow.sdk.exceptions import AirflowSkipException
@@ -80,7 +95,8 @@ def shoprank_daily_update():
             raise AirflowSkipException(ready.message)
         return PokeReturnValue(is_done=ready.done)
 
-    @task
+    # runs after the sensor even when there was no catalogue to validate (validate_catalog skipped)
+    @task(outlets=[validated_asset(BUCKET, "feedback")], trigger_rule="none_failed_min_one_success")
     def validate_feedback() -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -88,17 +104,18 @@ def shoprank_daily_update():
         from shoprank.validation import EmptyPartition, validate_partition
         from shoprank.workflow import outcome_dict
 
-        day, storage = _day(), task_storage()
+        day, storage, ctx = _day(), task_storage(), get_current_context()
         merge_late_events(storage, day)  # a re-run of D validates D's late events with the rest
         for late in late_event_days(storage, before=day):
             print(f"late events of {late} wait in raw/feedback_late/dt={late}/: `shoprank events merge-late "
                   f"--date {late}`, then re-run {late} to validate them")
         try:
-            outcome = validate_partition(storage, "feedback", day, run_id=get_current_context()["ti"].run_id)
+            outcome = validate_partition(storage, "feedback", day, run_id=ctx["ti"].run_id)
         except EmptyPartition as exc:
             print(f"skipping {day}: {exc}")
             raise AirflowSkipException(f"no feedback for {day}: {exc}") from None
         result = outcome_dict(outcome, "feedback", day)
+        emit_validated(ctx, result, storage)
         # drift beyond the thresholds (in the default "warn" mode) switches the day to a full retrain
         result["drifted"] = list((outcome.drift or {}).get("drifted_metrics", []))
         print(outcome.summary())
@@ -145,7 +162,9 @@ def shoprank_daily_update():
                               validation_status=validation_status([validated]), extra_tags=tags)
 
     validated = validate_feedback()
-    wait_for_feedback() >> validate_catalog() >> validated
+    waited = wait_for_feedback()
+    waited >> validate_catalog() >> validated
+    waited >> validated
     manifest = prepare(validated)
     trained = train(manifest, validated)
     evaluated = evaluate(trained, manifest)

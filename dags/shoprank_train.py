@@ -5,7 +5,9 @@ evaluate (vs BM25 and @champion) -> register (alias challenger) -> gate -> appro
 -> promote (alias champion) -> record_decision.
 
 Trigger it from the Airflow UI (play button -> "Trigger DAG w/ config"): the form below
-sets the training options. All logic lives in `shoprank.workflow`.
+sets the training options. All logic lives in `shoprank.workflow`. Each validate task emits
+the partition it validated as an event of the asset `shoprank-<dataset>-validated`
+(partition key and extra "date" = the partition's date; see shoprank.assets).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from shoprank.airflow_support import lineage_from_context, promotion_tasks, task_settings, task_storage
+from shoprank.airflow_support import emit_validated, lineage_from_context, promotion_tasks, task_settings, task_storage
+from shoprank.assets import validated_asset
 from shoprank.config import get_settings
 from shoprank.training.config import DEFAULT_LOSS, LOSSES
 
 TRAIN_QUEUE = get_settings().airflow.train_queue
+BUCKET = get_settings().bucket
 
 
 @dag(
@@ -70,10 +74,11 @@ def shoprank_train():
     def validate(dataset: str) -> dict:
         from shoprank.workflow import validate_latest
 
-        ctx = get_current_context()
+        ctx, storage = get_current_context(), task_storage()
         day = ctx["params"]["data_date"] or None
-        result = validate_latest(task_storage(), dataset, run_id=ctx["ti"].run_id, on_or_before=day)
+        result = validate_latest(storage, dataset, run_id=ctx["ti"].run_id, on_or_before=day)
         print(f"{dataset} dt={result['date']}: valid; Data Docs: {result['data_docs']}")
+        emit_validated(ctx, result, storage)  # a failed validation raised above: no event
         return result
 
     @task
@@ -118,7 +123,8 @@ def shoprank_train():
         return register_model(task_settings(), task_storage(), trained, evaluated, lineage_from_context(ctx),
                               validation_status=validation_status(validated), data_docs=docs, extra_tags=tags)
 
-    validated = [validate.override(task_id=f"validate_{ds}")(ds) for ds in ("catalog", "judgments", "queries")]
+    validated = [validate.override(task_id=f"validate_{ds}", outlets=[validated_asset(BUCKET, ds)])(ds)
+                 for ds in ("catalog", "judgments", "queries")]
     snap = snapshot(validated)
     trained = train(snap, validated)
     evaluated = evaluate(trained)

@@ -87,9 +87,12 @@ class AirflowClient:
     def run(self, dag_id: str, run_id: str) -> dict:
         return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
 
-    def runs(self, dag_id: str) -> list[dict]:
-        """The DAG's runs, newest logical date first (also runs made by `airflow dags test`)."""
-        return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=-logical_date&limit=100")["dag_runs"]
+    def runs(self, dag_id: str, run_type: str | None = None, order_by: str = "-logical_date") -> list[dict]:
+        """The DAG's runs, newest logical date first (also runs made by `airflow dags test`).
+        ``run_type``: only those (``asset_triggered``, ``manual``, ``scheduled``, ``backfill``);
+        asset-triggered runs have no logical date: order them with ``order_by="-id"``."""
+        query = {"order_by": order_by, "limit": 100, **({"run_type": run_type} if run_type else {})}
+        return self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns?{urllib.parse.urlencode(query)}")["dag_runs"]
 
     def clear_run(self, dag_id: str, run_id: str) -> dict:
         """Re-run every task of a DAG run (what "Clear" does in the UI)."""
@@ -147,6 +150,32 @@ class AirflowClient:
             "GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
                    f"/taskInstances/{task_id}/links?map_index={map_index}")
         return dict(out["extra_links"])
+
+    # assets
+    def assets(self, name_pattern: str | None = None) -> list[dict]:
+        """Assets whose name contains ``name_pattern`` (all of them without)."""
+        query = {"limit": 100, **({"name_pattern": name_pattern} if name_pattern else {})}
+        return self._request("GET", f"/api/v2/assets?{urllib.parse.urlencode(query)}")["assets"]
+
+    def asset_by_name(self, name: str) -> dict | None:
+        """The asset named exactly ``name`` (with its id, uri and scheduled_dags), or None."""
+        return next((a for a in self.assets(name) if a["name"] == name), None)
+
+    def create_asset_event(self, asset_id: int, extra: dict | None = None, partition_key: str | None = None) -> dict:
+        """``POST /api/v2/assets/events``: what a producer posts when data has landed; Airflow
+        queues the DAGs scheduled on the asset (``extra`` gains ``from_rest_api: true``)."""
+        body: dict[str, Any] = {"asset_id": asset_id, "extra": extra or {}}
+        if partition_key is not None:
+            body["partition_key"] = partition_key
+        return self._request("POST", "/api/v2/assets/events", body)
+
+    def asset_events(self, name_pattern: str | None = None, source_dag_id: str | None = None,
+                     source_run_id: str | None = None, limit: int = 100) -> list[dict]:
+        """Asset events, newest first, filtered by asset name (contains) and by producing DAG / run."""
+        query: dict[str, Any] = {"order_by": "-timestamp", "limit": limit}
+        query.update({k: v for k, v in (("name_pattern", name_pattern), ("source_dag_id", source_dag_id),
+                                        ("source_run_id", source_run_id)) if v})
+        return self._request("GET", f"/api/v2/assets/events?{urllib.parse.urlencode(query)}")["asset_events"]
 
     # human in the loop
     def hitl_details(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict:

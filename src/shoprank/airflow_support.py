@@ -51,6 +51,66 @@ def lineage_from_context(context: dict) -> "Lineage":
                    logical_date=logical.isoformat() if logical else None)
 
 
+def daily_schedule(settings: Settings | None = None):
+    """The schedule of ``shoprank_daily_update``, by ``SHOPRANK_DAILY_TRIGGER``:
+
+    * ``schedule`` (default): ``CronDataIntervalTimetable("0 0 * * *")``, the run of day D starts
+      when D is over, with logical date D (catchup and ``airflow backfill create`` work).
+    * ``asset``: ``PartitionedAssetTimetable`` on the raw feedback asset
+      (:func:`shoprank.assets.raw_asset`): each "day D landed" event (``partition_key`` = D)
+      queues one run for D, with no logical date and partition key D; events for several days
+      become several runs, in order (``max_active_runs=1``), never one run mixing days.
+
+    Not the DAG's own ``validated`` feedback asset (its validate task emits it: that would
+    loop). Not ``AssetOrTimeSchedule`` (clock OR event): every day would run twice, and it is
+    not partition-aware, so a partitioned event would not even trigger it. Not an
+    ``AssetWatcher`` on the raw prefix: it needs an event trigger (a message queue fed by S3
+    event notifications) that the embedded S3 server does not have; such a watcher, or any
+    producer, can post the same partitioned event instead."""
+    settings = settings or get_settings()
+    if settings.daily.trigger == "asset":
+        from airflow.sdk import PartitionedAssetTimetable
+
+        from shoprank.assets import raw_asset
+
+        return PartitionedAssetTimetable(assets=raw_asset(settings.bucket, "feedback"))
+    from airflow.timetables.interval import CronDataIntervalTimetable
+
+    # data-interval semantics: the run for day D starts after D ends, with logical date D
+    return CronDataIntervalTimetable("0 0 * * *", timezone="UTC")
+
+
+def run_day(context=None) -> str:
+    """The day a daily run processes: logical date, else partition key, else the triggering
+    asset events' ``extra["date"]`` (:func:`shoprank.assets.resolve_day`)."""
+    from shoprank.assets import resolve_day
+
+    if context is None:
+        from airflow.sdk import get_current_context
+
+        context = get_current_context()
+    return resolve_day(context.get("logical_date"), context.get("partition_key"),
+                       context.get("triggering_asset_events"))
+
+
+def emit_validated(context, result: dict, storage=None) -> dict:
+    """Attach the asset event of a validated partition to the task's ``validated`` outlet:
+    partition key = the partition's date, extra = :func:`shoprank.assets.validated_extra`.
+    Airflow records it when the task succeeds; a failed or skipped task records none."""
+    from shoprank.assets import asset_name, validated_extra
+
+    name = asset_name(result["dataset"])
+    asset = next((o for o in context["outlets"] if getattr(o, "name", None) == name), None)
+    if asset is None:
+        raise RuntimeError(f"task {context['ti'].task_id} has no outlet {name!r}: declare "
+                           f"outlets=[shoprank.assets.validated_asset(bucket, {result['dataset']!r})]")
+    extra = validated_extra(result, storage.uri if storage is not None else None)
+    accessor = context["outlet_events"][asset]
+    accessor.extra.update(extra)
+    accessor.add_partitions(extra["date"])
+    return extra
+
+
 def approvers() -> list[dict[str, str]] | None:
     """Users allowed to answer the approval (SHOPRANK_APPROVERS="alice,bob"); None = any user."""
     from shoprank.config import get_settings

@@ -201,11 +201,30 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def event_count(value: str) -> int:
+    """A positive number of events: 10000000, 10_000_000, 10M or 250k."""
+    text = value.strip().lower().replace("_", "")
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+    try:
+        n = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of events (e.g. 10000000 or 10M)")
+    return n
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from shoprank.data.bulk_simulator import RANKERS as BULK_RANKERS
     from shoprank.simulation import simulate_and_write
 
+    if args.events is not None and args.ranker not in BULK_RANKERS:
+        print(f"shoprank simulate: --events generates the day in bulk and ranks with --ranker "
+              f"{' or --ranker '.join(BULK_RANKERS)}, not {args.ranker} (the champion and bm25 rank one request "
+              "at a time: use --sessions)", file=sys.stderr)
+        return 2
     out = simulate_and_write(get_settings(), args.date, n_sessions=args.sessions, seed=args.seed,
-                             ranker=args.ranker, bot_fraction=args.bot_fraction)
+                             ranker=args.ranker, bot_fraction=args.bot_fraction, n_events=args.events)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -214,6 +233,8 @@ def cmd_events(args: argparse.Namespace) -> int:
     from shoprank.serving.events import late_event_days, merge_late_events
     from shoprank.storage import Storage
 
+    if args.action == "landed":
+        return _events_landed(args)
     storage = Storage(get_settings())
     if args.action == "pending":
         days = late_event_days(storage, before="9999-12-31")
@@ -228,6 +249,31 @@ def cmd_events(args: argparse.Namespace) -> int:
     if moved:
         print(f"next: re-run the daily update of {day} (Airflow UI: Clear its run, or trigger shoprank_daily_update "
               f"with logical date {day}) to validate them with the rest of the day")
+    return 0
+
+
+def _events_landed(args: argparse.Namespace) -> int:
+    """`shoprank events landed --date D`: the asset event that starts D's daily update (asset mode)."""
+    import urllib.error
+
+    from shoprank.airflow_client import AirflowAPIError, client_for
+    from shoprank.assets import announce_landed
+
+    settings = get_settings()
+    day = args.date.isoformat()
+    try:
+        out = announce_landed(client_for(settings), settings.bucket, day)
+    except (AirflowAPIError, urllib.error.URLError, OSError) as exc:
+        print(f"shoprank events landed: {settings.airflow_url}: {exc}", file=sys.stderr)
+        return 2
+    asset = out["asset"]
+    print(f"asset event {out['event']['id']}: {asset['name']} ({asset['uri']}) landed for {day}, partition key {day}")
+    if out["scheduled_dags"]:
+        print(f"Airflow queues a run of {', '.join(out['scheduled_dags'])} for {day} (Airflow UI: Assets -> "
+              f"{asset['name']}, or the DAG's runs with partition key {day})")
+    else:
+        print(f"no DAG is scheduled on {asset['name']}: shoprank_daily_update runs on its clock "
+              "(SHOPRANK_DAILY_TRIGGER=schedule); the event is recorded only")
     return 0
 
 
@@ -488,26 +534,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "simulate", "simulate a day of shopper traffic against a ranker and write raw/feedback",
                  "Simulate one day of shopper sessions (searches, clicks, add-to-carts, purchases) against a "
                  "ranker and write them to raw/feedback/dt=DATE/, with that day's catalogue. Needs the "
-                 "marketplace of `shoprank generate`.",
+                 "marketplace of `shoprank generate`. --sessions plays each request through the ranker; "
+                 "--events generates millions of events in bulk (vectorised, written 1M events per Parquet "
+                 "part; --ranker random or oracle).",
                  "shoprank simulate --date 2026-11-02 --ranker champion",
-                 "shoprank simulate --date 2026-11-03 --sessions 200 --bot-fraction 0.05")
+                 "shoprank simulate --date 2026-11-03 --sessions 200 --bot-fraction 0.05",
+                 "shoprank simulate --date 2026-11-04 --events 10000000 --ranker random --bot-fraction 0.002")
     _add_date(p, "the simulated day, YYYY-MM-DD (required)", required=True)
     p.add_argument("--sessions", type=int, default=80, metavar="N", help="shopper sessions to simulate, an integer")
+    p.add_argument("--events", type=event_count, metavar="N",
+                   help="generate about N feedback events in bulk instead of playing --sessions: an integer "
+                        "(10000000, 10_000_000, 10M or 250k); needs --ranker random or oracle (default: off)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="random seed of the shoppers' behaviour, an integer")
     p.add_argument("--bot-fraction", type=float, default=0.0, metavar="SHARE",
                    help="share of bot-like sessions to inject, a number from 0 to 1 (default: 0, none)")
-    p.add_argument("--ranker", choices=["champion", "bm25", "random"], default="champion",
+    p.add_argument("--ranker", choices=["champion", "bm25", "random", "oracle"], default="champion",
                    help="what ranks the results the shoppers see: champion (the registry's @champion model), "
-                        "bm25 (lexical baseline) or random")
+                        "bm25 (lexical baseline), random, or oracle (the synthetic shop's hidden relevance, an "
+                        "upper bound)")
     p.set_defaults(func=cmd_simulate)
 
     # events pending|merge-late
     p = _command(sub, "events", "late events: list days waiting in raw/feedback_late/, merge one into its day",
                  "Events that arrive after their day's daily update wait in raw/feedback_late/dt=DATE/. List "
                  "those days, or move one day's late parts into raw/feedback/dt=DATE/ and then re-run that "
-                 "day's daily update.",
-                 "shoprank events pending", "shoprank events merge-late --date 2026-11-20")
+                 "day's daily update. `landed` tells Airflow a day's feedback has landed.",
+                 "shoprank events pending", "shoprank events merge-late --date 2026-11-20",
+                 "shoprank events landed --date 2026-11-20")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION",
                                title="actions (shoprank events ACTION --help)")
     _command(actions, "pending", "list the days with late events waiting",
@@ -517,6 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
                  "that day's daily update (Airflow UI: Clear its run) to validate them with the rest of "
                  "the day.", "shoprank events merge-late --date 2026-11-20")
     _add_date(a, "the day whose late events to merge, YYYY-MM-DD (required)", required=True)
+    a = _command(actions, "landed", "announce that a day's raw feedback has landed (starts its daily update)",
+                 "Post the Airflow asset event 'raw feedback of --date has landed' (asset shoprank-feedback-raw, "
+                 "partition key and extra.date = the day) over Airflow's REST API as admin. With "
+                 "SHOPRANK_DAILY_TRIGGER=asset it starts that day's run of shoprank_daily_update; with the "
+                 "default (schedule) the event is only recorded.", "shoprank events landed --date 2026-11-20")
+    _add_date(a, "the day whose raw/feedback/dt=DATE/ partition has landed, YYYY-MM-DD (required)", required=True)
     p.set_defaults(func=cmd_events, date=None)
 
     p = _command(sub, "config", "print every setting, its value (secrets hidden) and where it came from",

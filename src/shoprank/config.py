@@ -32,7 +32,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -275,6 +275,10 @@ class DailySettings(Group):
     wait_hours: float = var("SHOPRANK_DAILY_WAIT_HOURS", 6.0,
                             "an incomplete feedback day (parts, no _SUCCESS) is waited for this long after it "
                             "ended, then skipped", ge=0)
+    trigger: Literal["schedule", "asset"] = var(
+        "SHOPRANK_DAILY_TRIGGER", "schedule",
+        "what starts `shoprank_daily_update`: `schedule` (the clock, one run per day after it ended) or `asset` "
+        "(one run per day when its raw feedback is announced landed: `shoprank events landed --date D`)")
 
 
 class ValidationSettings(Group):

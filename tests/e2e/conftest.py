@@ -27,8 +27,12 @@ TINY_TRAIN = {"epochs": 1, "max_steps": 6, "batch_size": 8, "max_length": 32, "a
 # Put where a user puts policy: in .env. The stack hands the resolved settings to every Airflow
 # process, so these reach the DAG files and tasks (the gate would refuse the tiny model without
 # them). Only alice may answer approvals; bob is an Airflow admin but not an approver.
+# The daily update runs in asset mode (SHOPRANK_DAILY_TRIGGER=asset): no clock runs compete with
+# the tests' runs, a "day landed" asset event starts one (tests/e2e/test_daily_assets.py), and
+# the manual runs with a logical date the other tests trigger work the same in both modes.
 E2E_DOTENV = {**E2E_ENV, "SHOPRANK_APPROVERS": "alice",
-              "SHOPRANK_AIRFLOW_USERS": "admin:admin,alice:user,bob:admin"}
+              "SHOPRANK_AIRFLOW_USERS": "admin:admin,alice:user,bob:admin",
+              "SHOPRANK_DAILY_TRIGGER": "asset"}
 
 
 @pytest.fixture(scope="session")

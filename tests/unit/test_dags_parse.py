@@ -49,6 +49,47 @@ def test_daily_dag_schedule(dagbag):
     assert sensor.mode == "reschedule" and sensor.poke_interval >= 60
     assert dag.get_task("validate_catalog").upstream_task_ids == {"wait_for_feedback"}
     assert "validate_catalog" in dag.get_task("validate_feedback").upstream_task_ids
+    # no catalogue delivered: validate_catalog is skipped (no asset event), the feedback is still validated
+    assert dag.get_task("validate_feedback").trigger_rule == "none_failed_min_one_success"
+    assert "wait_for_feedback" in dag.get_task("validate_feedback").upstream_task_ids
+
+
+def _asset_names(objs):
+    return {o.name for o in objs}
+
+
+def test_validate_tasks_emit_validated_assets(dagbag):
+    """Datasets are Airflow assets: each validate task declares its dataset's validated asset."""
+    train, daily = dagbag.dags["shoprank_train"], dagbag.dags["shoprank_daily_update"]
+    for ds in ("catalog", "judgments", "queries"):
+        assert _asset_names(train.get_task(f"validate_{ds}").outlets) == {f"shoprank-{ds}-validated"}
+    assert _asset_names(daily.get_task("validate_catalog").outlets) == {"shoprank-catalog-validated"}
+    assert _asset_names(daily.get_task("validate_feedback").outlets) == {"shoprank-feedback-validated"}
+    # the raw landing asset is registered in both modes (producers can always post to it)
+    assert _asset_names(daily.get_task("wait_for_feedback").inlets) == {"shoprank-feedback-raw"}
+
+
+def test_daily_dag_asset_trigger_mode(monkeypatch, dagbag):
+    """SHOPRANK_DAILY_TRIGGER=asset: one run per announced day (partitioned on the raw feedback
+    asset), never on the asset the DAG itself emits; it serializes as the dag-processor does."""
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # older layout
+        from airflow.models.dagbag import DagBag
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    monkeypatch.setenv("SHOPRANK_DAILY_TRIGGER", "asset")
+    bag = DagBag(dag_folder=str(DAGS / "shoprank_daily_update.py"))
+    assert bag.import_errors == {}
+    dag = bag.dags["shoprank_daily_update"]
+    assert type(dag.timetable).__name__ == "PartitionedAssetTimetable"
+    scheduled = {dag.timetable.asset_condition.name}  # one Asset, not a condition of several
+    assert scheduled == {"shoprank-feedback-raw"}
+    emitted = {a.name for t in dag.tasks for a in t.outlets}
+    assert not scheduled & emitted  # no loop
+    serialized = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    assert serialized.timetable.partitioned
+    assert set(serialized.task_ids) == set(dagbag.dags["shoprank_daily_update"].task_ids)  # same tasks as clock mode
 
 
 @pytest.mark.parametrize("path", sorted(DAGS.glob("*.py")), ids=lambda p: p.name)
