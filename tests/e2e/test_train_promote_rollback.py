@@ -53,7 +53,7 @@ def test_approve_reject_and_rollback(airflow, approver, bystander, airflow_stack
     assert len(own) < 30 and "ndcg_at_10" not in own and not [k for k in own if k.startswith("gate.")], own
     tags = registry.evidence(v1)
     assert float(tags["ndcg_at_10"]) > 0 and "delta_ndcg_at_10_vs_bm25_lo" in tags
-    assert tags["gate.beats_bm25"].startswith("pass") and tags["train.global_step"]
+    assert tags["gate.data_validation"].startswith("pass") and tags["train.global_step"]
     # MLflow 3: the evaluation metrics are on the LoggedModel too, measured on the snapshot's test
     # split, which is an input of the run (the "Datasets" of the run page) with the training splits
     from mlflow import MlflowClient
