@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import shutil
 import signal
@@ -366,7 +365,7 @@ def run_spark(paths: dict[str, Path], out: Path, stage: Callable, driver_memory:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from shoprank.labels import LabelParams, grade_of
+    from shoprank.labels import LabelParams
     from shoprank.validation import ValidationOptions
     from shoprank.validation.runner import RESULT_FORMAT, _quiet
     from shoprank.validation.suites import suite_parameters
@@ -467,14 +466,7 @@ def run_spark(paths: dict[str, Path], out: Path, stage: Callable, driver_memory:
                 F.avg("position").alias("mean_position")))
     # one row per (query, product) seen: small (the catalogue x the queries at most), finished on the driver
     agg = agg.orderBy("query", "product_id").toPandas()
-    pairs_seen = len(agg)
-    pairs = agg[agg["impressions"] >= p.min_impressions].reset_index(drop=True)
-    value = (p.w_click * pairs["ipw_clicks"] + p.w_add_to_cart * pairs["ipw_carts"]
-             + p.w_purchase * pairs["ipw_purchases"])
-    pairs["utility"] = value / (pairs["impressions"] + p.prior_impressions)
-    pairs["grade"] = grade_of(pairs["utility"], p.grade_thresholds).astype("int64")
-    pairs["weight"] = pairs["impressions"] / (pairs["impressions"] + p.weight_half_impressions)
-    pairs["source"] = "derived"
+    pairs_seen, pairs = len(agg), graded_pairs(agg, p)
     stats = {"events_in": res["observed"].get("row_count_vs_previous_partition"), "sessions": per_s.count(),
              "bot_sessions": bots.count(),
              "requests": rp.select("request_id").distinct().count(),
@@ -510,11 +502,26 @@ def spark_per_check(ctx, batch_def, derived, params, options, stage: Callable, r
     return res
 
 
+def graded_pairs(agg, p):
+    """labels._aggregate's last step on an engine's (query, product) aggregate: pairs with enough
+    impressions, IPW utility, grade and weight."""
+    from shoprank.labels import grade_of
+
+    pairs = agg[agg["impressions"] >= p.min_impressions].reset_index(drop=True)
+    value = (p.w_click * pairs["ipw_clicks"] + p.w_add_to_cart * pairs["ipw_carts"]
+             + p.w_purchase * pairs["ipw_purchases"])
+    pairs["utility"] = value / (pairs["impressions"] + p.prior_impressions)
+    pairs["grade"] = grade_of(pairs["utility"], p.grade_thresholds).astype("int64")
+    pairs["weight"] = pairs["impressions"] / (pairs["impressions"] + p.weight_half_impressions)
+    pairs["source"] = "derived"
+    return pairs
+
+
 def harvest_from_counts(t, top: int, p) -> tuple[list[float], str]:
     """labels.estimate_propensities (method 'harvest') from the (query, product, pos) -> n, c table.
 
-    Same arithmetic as ``labels._harvest`` after its first group-by, then the same power-law
-    fill, isotonic regression, scaling and clipping."""
+    ``labels.harvest_counts`` (what ``labels._harvest`` runs after its first group-by), then the
+    same power-law fill, isotonic regression, scaling and clipping."""
     import numpy as np
 
     from shoprank.labels import _fill_power_law as fill
@@ -522,42 +529,10 @@ def harvest_from_counts(t, top: int, p) -> tuple[list[float], str]:
 
     positions = np.arange(1, top + 1)
     n_at = t.groupby("pos")["n"].sum().reindex(positions, fill_value=0).to_numpy(dtype=float)
-    raw = None
+    from shoprank.labels import harvest_counts
+
     t = t.assign(pair=t.groupby(["query", "product_id"], sort=False).ngroup())[["pair", "pos", "n", "c"]]
-    t = t[t.groupby("pair")["pos"].transform("size") > 1]
-    if len(t) and top >= 2:
-        m = t.merge(t, on="pair", suffixes=("_j", "_k"))
-        m = m[m["pos_j"] < m["pos_k"]]
-        w = m["n_j"] * m["n_k"] / (m["n_j"] + m["n_k"])
-        m = m.assign(a_j=w * m["c_j"] / m["n_j"], a_k=w * m["c_k"] / m["n_k"])
-        e = m.groupby(["pos_j", "pos_k"])[["a_j", "a_k", "c_j", "c_k"]].sum().reset_index()
-        e = e[(e["c_j"] >= p.min_harvest_clicks) & (e["c_k"] >= p.min_harvest_clicks) & (e["a_j"] > 0) & (e["a_k"] > 0)]
-        adj: dict[int, set[int]] = {}
-        for j, k in zip(e["pos_j"].tolist(), e["pos_k"].tolist()):
-            adj.setdefault(j, set()).add(k)
-            adj.setdefault(k, set()).add(j)
-        if 1 in adj:
-            reached, stack = {1}, [1]
-            while stack:
-                for nb in adj[stack.pop()]:
-                    if nb not in reached:
-                        reached.add(nb)
-                        stack.append(nb)
-            unknown = sorted(reached - {1})
-            col = {k: i for i, k in enumerate(unknown)}
-            e = e[e["pos_j"].isin(reached) & e["pos_k"].isin(reached)]
-            a = np.zeros((len(e), len(unknown)))
-            for r, (jj, kk) in enumerate(zip(e["pos_j"].to_numpy(), e["pos_k"].to_numpy())):
-                a[r, col[kk]] += 1.0
-                if jj != 1:
-                    a[r, col[jj]] -= 1.0
-            b = np.log(e["a_k"].to_numpy() / e["a_j"].to_numpy())
-            sw = np.sqrt(1.0 / (1.0 / e["c_j"].to_numpy() + 1.0 / e["c_k"].to_numpy()))
-            x = np.linalg.lstsq(a * sw[:, None], b * sw, rcond=None)[0]
-            raw = np.full(top, np.nan)
-            raw[0] = 1.0
-            for kk, i in col.items():
-                raw[kk - 1] = math.exp(x[i])
+    raw = harvest_counts(t, top, p)
     method = "harvest" if raw is not None else "power"
     if raw is None:
         raw = positions.astype(float) ** -p.eta
@@ -572,7 +547,7 @@ def run_duckdb(paths: dict[str, Path], out: Path, stage: Callable, memory_limit:
     stage("import")
     import duckdb
 
-    from shoprank.labels import LabelParams, grade_of
+    from shoprank.labels import LabelParams
     from shoprank.validation import ValidationOptions
     from shoprank.validation.suites import FEEDBACK_DUPLICATE_KEY, suite_parameters
 
@@ -697,14 +672,7 @@ def run_duckdb(paths: dict[str, Path], out: Path, stage: Callable, memory_limit:
                sum(purchased * inv) AS ipw_purchases, avg(position) AS mean_position
         FROM rp JOIN inv ON inv.pos = least(rp.position, {top}) GROUP BY query, product_id ORDER BY query, product_id
     """).fetchdf()
-    pairs_seen = len(agg)
-    pairs = agg[agg["impressions"] >= p.min_impressions].reset_index(drop=True)
-    value = (p.w_click * pairs["ipw_clicks"] + p.w_add_to_cart * pairs["ipw_carts"]
-             + p.w_purchase * pairs["ipw_purchases"])
-    pairs["utility"] = value / (pairs["impressions"] + p.prior_impressions)
-    pairs["grade"] = grade_of(pairs["utility"], p.grade_thresholds).astype("int64")
-    pairs["weight"] = pairs["impressions"] / (pairs["impressions"] + p.weight_half_impressions)
-    pairs["source"] = "derived"
+    pairs_seen, pairs = len(agg), graded_pairs(agg, p)
     bots_n, sessions_n = con.execute("SELECT count(*), coalesce(max(sessions), 0) FROM bots").fetchone()
     stats = {"events_in": n, "bot_sessions": int(bots_n),
              "requests": con.execute("SELECT count(DISTINCT request_id) FROM rp").fetchone()[0],

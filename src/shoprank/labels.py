@@ -367,6 +367,14 @@ def _harvest(rp: pd.DataFrame, top: int, params: LabelParams) -> np.ndarray | No
     t = (pd.DataFrame({"pair": pair_id, "pos": rp["position"].to_numpy(), "c": rp["clicked"].to_numpy(dtype=float)})
          .groupby(["pair", "pos"], sort=False)["c"].agg(["size", "sum"]).reset_index()
          .rename(columns={"size": "n", "sum": "c"}))
+    return harvest_counts(t, top, params)
+
+
+def harvest_counts(t: pd.DataFrame, top: int, params: LabelParams) -> np.ndarray | None:
+    """:func:`_harvest` from its count table: one row per (``pair``, ``pos``) with ``n``
+    impressions and ``c`` clicks (what an engine that aggregates elsewhere hands over)."""
+    if top < 2 or not len(t):
+        return None
     multi = t.groupby("pair")["pos"].transform("size") > 1  # only products seen at 2+ positions help
     t = t[multi]
     if not len(t):
