@@ -252,7 +252,7 @@ def _story(days: int, products: int, queries: int, keep_running: bool) -> int:
     print_urls(stack)
     champion = registry.version_by_alias("champion")  # the current one, after the daily updates
     if champion is not None:
-        ctags = registry.tags(champion.version)
+        ctags = registry.evidence(champion.version)
         print(f"  MLflow run of the champion (v{champion.version}): {settings.mlflow_tracking_uri}/#/experiments/"
               f"{ctags.get('experiment_id', '')}/runs/{ctags.get('mlflow_run_id', '')}")
     print(f"  Registered model: {settings.mlflow_tracking_uri}/#/models/{settings.registered_model}")

@@ -11,10 +11,11 @@ Where things live, so the registered model's page in the MLflow UI stays readabl
 * **metrics** on the version's run and its LoggedModel (where MLflow shows metrics), plus the
   run's ``train.*`` and ``gate.<check>`` tags and its params; :meth:`Registry.evidence` joins
   them with the version's tags for the gate, the approval card and the demo;
-* **a handful of version tags**: lineage (``mlflow_run_id``, ``airflow.*``, ``data_snapshot``,
-  ``git_sha``), what the gate needs to be sure of (``validation_status``,
-  ``champion_compared``), the gate's verdict (``gate_eligible``, ``gate_auto_promote``,
-  ``gate_reasons``) and who promoted or rejected it;
+* **a handful of version tags**: lineage ids (``mlflow_run_id``, ``airflow.run_key``,
+  ``data_snapshot``; the run has the Airflow ids and git sha), what the gate needs to be sure
+  of (``validation_status``, ``champion_compared``), the gate's verdict (``gate_eligible``,
+  ``gate_auto_promote``, ``gate_reasons``) and who promoted (``promoted_by``/``_at``) or
+  rejected it (``rejected_by``, ``rejection_reason``);
 * **the audit trail** in S3: one JSON object per alias move or rejection under
   ``audit/registry/<model>/`` (append-only: a new object per record, never rewritten), with a
   readable summary of the roles and the latest moves kept in the registered model's
@@ -39,8 +40,9 @@ from shoprank.storage import Storage
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-# run tags that belong to a version's evidence (the rest of the run's tags is MLflow's own)
-EVIDENCE_RUN_TAG_PREFIXES = ("train.", "gate.")
+# run tags that belong to a version's evidence (the rest of the run's tags is MLflow's own):
+# what was trained, each gate check, the Airflow lineage, the git sha and the Data Docs pages
+EVIDENCE_RUN_TAG_PREFIXES = ("train.", "gate.", "airflow.", "git_sha", "data_docs")
 DESCRIPTION = ("shoprank cross-encoder ranker. Aliases: champion (serving), challenger (newest candidate), "
                "previous (rollback target). Metrics: each version's run (Source run) and its logged model.")
 SUMMARY_MOVES = 10  # alias moves listed in the model's description (all of them: `shoprank registry audit`)
@@ -148,9 +150,9 @@ class Registry:
         return dict(self.version(version).tags)
 
     def evidence(self, version: str) -> dict[str, str]:
-        """Everything recorded about a version, as strings: its run's metrics (formatted like
-        tags), params (``param.<name>``) and ``train.*`` / ``gate.*`` tags, then the version's
-        own tags on top.  What the gate, the approval card and the demo read; a value the run
+        """Everything recorded about a version, as strings: its run's experiment, metrics
+        (formatted like tags), params (``param.<name>``) and its ``train.*``, ``gate.*``,
+        ``airflow.*``, ``git_sha`` and ``data_docs`` tags, then the version's own tags on top.  What the gate, the approval card and the demo read; a value the run
         never logged is simply absent (the gate fails closed on it)."""
         mv = self.version(version)
         run_id = mv.run_id or mv.tags.get("mlflow_run_id")
@@ -162,6 +164,7 @@ class Registry:
                 log.warning("version %s: its run %s cannot be read (%s); its metrics count as missing",
                             version, run_id, exc)
             else:
+                out["experiment_id"] = run.info.experiment_id
                 out.update({k: _tag_value(v) for k, v in run.data.metrics.items()})
                 out.update({f"param.{k}": v for k, v in run.data.params.items()})
                 out.update({k: v for k, v in run.data.tags.items() if k.startswith(EVIDENCE_RUN_TAG_PREFIXES)})
@@ -187,8 +190,8 @@ class Registry:
             self._move(PREVIOUS, old.version, actor, f"replaced by version {version}", airflow_run)
         record = self._move(CHAMPION, version, actor, reason or "approved", airflow_run, metrics,
                             extra={"previous_champion": old.version if old else None})
-        self.set_tags(version, {"promoted_by": actor, "promoted_at": record["ts"],
-                                "promoted_from_airflow_run": airflow_run or "", "promotion_reason": reason})
+        # who and when; the why and the Airflow run are in the audit record
+        self.set_tags(version, {"promoted_by": actor, "promoted_at": record["ts"]})
         return record
 
     def _check_promotable(self, version: str, champion: str | None, approval: dict | None) -> None:
@@ -214,8 +217,7 @@ class Registry:
     def reject(self, version: str, actor: str, reason: str, airflow_run: str | None = None) -> dict:
         """Record a rejection; ``challenger`` stays on the version so it can be inspected."""
         version = self.version(version).version
-        self.set_tags(version, {"rejected_by": actor, "rejected_at": _now(), "rejection_reason": reason,
-                                "rejected_in_airflow_run": airflow_run or ""})
+        self.set_tags(version, {"rejected_by": actor, "rejection_reason": reason})
         return self._audit("reject", CHALLENGER, version, actor, reason, airflow_run)
 
     def rollback(self, target: str = PREVIOUS, actor: str = "unknown", reason: str = "rollback",

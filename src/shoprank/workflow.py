@@ -54,10 +54,6 @@ class Lineage:
                 "airflow.try_number": str(self.try_number), "airflow.logical_date": self.logical_date or "",
                 "git_sha": git_sha()}
 
-    def version_tags(self) -> dict[str, str]:
-        """The lineage a model version keeps (the task and try are on the run)."""
-        return {k: v for k, v in self.tags().items() if k not in ("airflow.task_id", "airflow.try_number")}
-
 
 def git_sha() -> str:
     sha = get_settings().general.git_sha
@@ -577,14 +573,13 @@ def register_model(settings: Settings, storage: Storage, trained: dict, evaluate
     for key, value in train_summary(trained).items():
         client.set_tag(run_id, key, value)
     tags: dict[str, Any] = {"data_snapshot": trained["snapshot"], "mlflow_run_id": run_id,
-                            "experiment_id": trained.get("experiment_id", ""), "airflow.run_key": lineage.run_key,
-                            **lineage.version_tags(), **(extra_tags or {})}
+                            "airflow.run_key": lineage.run_key, **(extra_tags or {})}
     if validation_status is not None:  # absent: the gate fails closed on it
         tags["validation_status"] = validation_status
     if evaluated.get("champion_compared") is not None:  # absent: the gate fails closed on it
         tags["champion_compared"] = evaluated["champion_compared"]
-    if data_docs:
-        tags["data_docs"] = " ".join(data_docs)
+    if data_docs:  # the run has them too (train step); the approval card links them
+        client.set_tag(run_id, "data_docs", " ".join(data_docs))
     for v in client.search_model_versions(f"name='{registry.name}'"):
         if v.tags.get("airflow.run_key") == lineage.run_key:
             log.info("version %s was already registered by %s; reusing it", v.version, lineage.run_key)

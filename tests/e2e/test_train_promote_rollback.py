@@ -46,7 +46,7 @@ def test_approve_reject_and_rollback(airflow, approver, bystander, airflow_stack
     assert registry.tags(v1)["export.status"] in ("exported", "partial", "refused")
     own = registry.tags(v1)
     assert own["promoted_by"] == "alice"
-    assert own["promoted_from_airflow_run"] == run1
+    assert [r["airflow_run"] for r in registry.audit_trail() if r["alias"] == "champion"] == [run1]
     assert own["gate_eligible"] == "true"
     # the version keeps a handful of tags (the model page stays readable); its metrics and
     # each gate check are on its run, where the gate and the approval card read them
@@ -127,8 +127,8 @@ def test_extra_links_lead_to_mlflow_and_the_data_docs(airflow, airflow_stack):
             assert resp.json()["run"]["info"]["experiment_id"] == experiment_id
 
     registry = Registry(settings, Storage(settings))
-    versions = {v.tags.get("airflow.run_id"): v for v in registry.client.search_model_versions(
-        f"name='{registry.name}'")}
+    versions = {v.tags.get("airflow.run_key", "").split("/", 1)[-1]: v for v in registry.client.search_model_versions(
+        f"name='{registry.name}'")}  # train DAG runs: airflow.run_key = shoprank_train/<run id>
     done = sorted((r for r in airflow.runs(TRAIN) if r["state"] == "success" and r["dag_run_id"] in versions),
                   key=lambda r: r["start_date"] or "", reverse=True)
     assert done, "no successful shoprank_train run"
@@ -156,7 +156,7 @@ def test_extra_links_lead_to_mlflow_and_the_data_docs(airflow, airflow_stack):
                 resp = get("/api/2.0/mlflow/model-versions/get", name=urllib.parse.unquote(model), version=version)
                 assert resp.status_code == 200, resp.text
                 tags = {t["key"]: t["value"] for t in resp.json()["model_version"].get("tags", [])}
-                assert tags["airflow.run_id"] == run_id  # the version this DAG run registered
+                assert tags["airflow.run_key"] == f"{TRAIN}/{run_id}"  # the version this DAG run registered
             elif name == links.DATA_DOCS:
                 exp, run, path = re.fullmatch(r"/experiments/([^/]+)/runs/([^/]+)/artifacts/(.+)", route).groups()
                 run_exists(run, exp)
@@ -215,7 +215,7 @@ def test_ui_pages_show_the_links_and_the_model_metrics(airflow, airflow_stack):
     registry = Registry(settings, Storage(settings))
     champion = registry.version_by_alias("champion")
     tags = registry.tags(champion.version)
-    run_id = tags["airflow.run_id"]
+    run_id = tags["airflow.run_key"].split("/", 1)[1]  # shoprank_train/<run id>
     shots = settings.home / "ui-check"
     shots.mkdir(exist_ok=True)
     driver = _browser()
@@ -247,7 +247,11 @@ def test_ui_pages_show_the_links_and_the_model_metrics(airflow, airflow_stack):
         _wait_for_text(driver, ["ndcg_at_10", f"{tags['data_snapshot']}/test", "shoprank-ranker"])
         driver.save_screenshot(str(shots / "mlflow-logged-model.png"))
         driver.get(f"{ui}/#/models/{registry.name}")
-        _wait_for_text(driver, ["champion"])
+        # the model page reads in words: who holds which role and the latest moves (the
+        # description), one short row per version instead of a screen of metric tags
+        body = _wait_for_text(driver, ["champion", f"champion: version {champion.version}", "Latest moves",
+                                       f"-> champion by alice"])
+        assert "ndcg_at_10" not in body and '"actor"' not in body
         driver.save_screenshot(str(shots / "mlflow-registered-model.png"))
     finally:
         driver.quit()

@@ -337,8 +337,8 @@ def export(settings: Settings, storage: Storage, version: str | int = "champion"
                 client.log_metric(mv.run_id, f"export_{metric_key(name)}_{key}", float(value))
     registry.set_tags(number, {
         "export.status": report["status"], "export.backends": ",".join(report["accepted"]),
-        "export.refused": "; ".join(f"{k}: {v}" for k, v in report["refused"].items()),
-        "export.tolerance": tolerance, "export.report": f"runs:/{mv.run_id}/{EXPORT_ARTIFACT_DIR}/{REPORT_FILE}"})
+        "export.refused": "; ".join(f"{k}: {v}" for k, v in report["refused"].items())})
+    client.set_tag(mv.run_id, "export.tolerance", str(tolerance))  # the whole report: export/report.json
     progress(format_report(report))
     return report
 
