@@ -91,14 +91,14 @@ def simulate_and_write(settings: Settings, day: dt.date | str, n_sessions: int =
                          "the champion and BM25 rank one request at a time (pass n_sessions instead)")
     storage = Storage(settings)
     market = load_marketplace(storage)
-    version = None
-    rank_fn = random_rank_fn  # the bulk path ranks by name (random / oracle), not with a rank_fn
-    if n_events is None and ranker == "champion":
-        rank_fn, version = champion_rank_fn(settings)
-    elif n_events is None and ranker == "bm25":
-        rank_fn = bm25_rank_fn()
-    elif n_events is None and ranker == "oracle":
-        rank_fn = oracle_rank_fn(market)
+    rank_fn, version = random_rank_fn, None  # the bulk path ranks by name (random / oracle), not with a rank_fn
+    if n_events is None:
+        if ranker == "champion":
+            rank_fn, version = champion_rank_fn(settings)
+        elif ranker == "bm25":
+            rank_fn = bm25_rank_fn()
+        elif ranker == "oracle":
+            rank_fn = oracle_rank_fn(market)
     day = day.isoformat() if isinstance(day, dt.date) else day
     # The catalogue of that day (new products appear: cold start) goes in with the feedback.
     from shoprank.data.contracts import CATALOG

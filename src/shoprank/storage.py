@@ -19,7 +19,6 @@ errors are retried with exponential backoff by botocore's ``standard`` retry mod
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import boto3
 import pandas as pd
@@ -36,6 +35,9 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from shoprank.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -419,10 +421,16 @@ class Storage:
     # ---- parquet ----------------------------------------------------------------------
     # written to / read from a local temporary file and moved with the managed transfers above,
     # so an object is never held as one bytes buffer beside its DataFrame
-    def write_parquet(self, df: pd.DataFrame, key: str) -> str:
+    def write_parquet(self, data: "pd.DataFrame | pa.Table", key: str) -> str:
+        """A DataFrame (pandas metadata, no index) or an Arrow table (as is) as one Parquet object."""
         with tempfile.TemporaryDirectory(prefix="shoprank-s3-") as tmp:
             path = os.path.join(tmp, "part.parquet")
-            df.to_parquet(path, index=False)
+            if isinstance(data, pd.DataFrame):
+                data.to_parquet(path, index=False)
+            else:
+                import pyarrow.parquet as pq
+
+                pq.write_table(data, path, compression="snappy")
             return self.upload_file(path, key)
 
     def read_parquet(self, key: str, columns: list[str] | None = None) -> pd.DataFrame:
@@ -460,12 +468,19 @@ class Storage:
     def write_partition(self, df: pd.DataFrame, zone: str, dataset: str, day: dt.date | str,
                         rows_per_file: int = 500_000) -> list[str]:
         """Replace a partition: delete old parts, write new parts, then the _SUCCESS marker."""
+        n_files = max(1, -(-len(df) // rows_per_file))
+        return self.write_partition_parts(
+            zone, dataset, day, (df.iloc[i * rows_per_file : (i + 1) * rows_per_file] for i in range(n_files)))
+
+    def write_partition_parts(self, zone: str, dataset: str, day: dt.date | str,
+                              parts: "Iterable[pd.DataFrame | pa.Table]") -> list[str]:
+        """Replace a partition from parts produced one at a time (a generator keeps a day that
+        does not fit in memory streaming): delete old parts, write each part as it comes
+        (``part-00000.parquet``, ...), then the _SUCCESS marker."""
         prefix = partition_prefix(zone, dataset, day)
         self.delete_prefix(prefix)
         keys = []
-        n_files = max(1, -(-len(df) // rows_per_file))
-        for i in range(n_files):
-            part = df.iloc[i * rows_per_file : (i + 1) * rows_per_file]
+        for i, part in enumerate(parts):
             key = f"{prefix}part-{i:05d}.parquet"
             self.write_parquet(part, key)
             keys.append(key)

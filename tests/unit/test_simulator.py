@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from shoprank.data.simulator import (
     write_day,
 )
 from shoprank.data.synthetic import LEAF_TOP, generate_marketplace
+from shoprank.storage import Storage
 
 START = dt.date(2026, 11, 1)
 DAY = START + dt.timedelta(days=1)
@@ -366,10 +368,11 @@ def test_bulk_events_pass_the_feedback_contract_and_validation(mp, bulk_events):
     assert outcome.success, outcome.message()
 
 
-class _FakeStorage:
-    """The Storage calls the bulk writer makes, recorded in order."""
+class _FakeStorage(Storage):
+    """A Storage whose S3 primitives are recorded in order (no server): the partition protocol
+    (write_partition_parts) and the Parquet serialisation (write_parquet) are the real ones."""
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # no settings, no S3 client
         self.calls: list[tuple[str, str]] = []
         self.objects: dict[str, bytes] = {}
         self.partitions: dict[tuple[str, str, str], pd.DataFrame] = {}
@@ -382,6 +385,9 @@ class _FakeStorage:
         self.calls.append(("put", key))
         self.objects[key] = data
         return key
+
+    def upload_file(self, path: str, key: str) -> str:
+        return self.put_bytes(key, Path(path).read_bytes())
 
     def write_partition(self, df, zone, dataset, day):
         self.partitions[(zone, dataset, str(day))] = df

@@ -56,7 +56,6 @@ from __future__ import annotations
 import binascii
 import datetime as dt
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -558,47 +557,29 @@ class _LocalPartition:
         (self.dir / marker).write_bytes(b"")
 
 
-class _StoragePartition:
-    """The same on a :class:`~shoprank.storage.Storage` (atomic object writes; old parts deleted first)."""
-
-    def __init__(self, storage: Any, prefix: str) -> None:
-        self.storage, self.prefix = storage, prefix
-
-    def begin(self) -> None:
-        self.storage.delete_prefix(self.prefix)
-
-    def write(self, name: str, table: pa.Table) -> str:
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="snappy")
-        self.storage.put_bytes(self.prefix + name, buf.getvalue())
-        return self.prefix + name
-
-    def commit(self, marker: str) -> None:
-        self.storage.put_bytes(self.prefix + marker, b"")
-
-
 def write_day_bulk(target: Any, marketplace: Marketplace, day: dt.date | str, **kwargs: Any) -> BulkDay:
     """Simulate a day in bulk and write it to raw/feedback/dt=day/ part by part, ``_SUCCESS`` last.
 
-    ``target`` is a :class:`~shoprank.storage.Storage` (anything with ``delete_prefix`` and
-    ``put_bytes``) or a local directory (``str`` / ``Path``: the same layout under it).  The
-    partition's old parts are removed first, as ``Storage.write_partition`` does.  Parts are
+    ``target`` is a :class:`~shoprank.storage.Storage` (written with its
+    ``write_partition_parts``: streamed, each part uploaded as it is drawn) or a local directory
+    (``str`` / ``Path``: the same layout under it).  The partition's old parts are removed first.  Parts are
     ``part-00000.parquet``, ... of ``rows_per_part`` events (default 1M).  Returns the
     :class:`BulkDay` summary with the keys written.  Arguments as :func:`iter_day_bulk`.
     """
     from shoprank.storage import SUCCESS_MARKER, partition_prefix
 
     prefix = partition_prefix("raw", "feedback", _as_date(day))
+    summary = bulk_day_summary()
+    tables = iter_day_bulk(marketplace, day, summary=summary, **kwargs)
     if isinstance(target, (str, os.PathLike)):
-        out: Any = _LocalPartition(target, prefix)
-    elif hasattr(target, "put_bytes") and hasattr(target, "delete_prefix"):
-        out = _StoragePartition(target, prefix)
+        out = _LocalPartition(target, prefix)
+        out.begin()
+        for i, table in enumerate(tables):
+            summary.keys.append(out.write(f"part-{i:05d}.parquet", table))
+        out.commit(SUCCESS_MARKER)
+    elif hasattr(target, "write_partition_parts"):  # a Storage: its own replace-a-partition protocol
+        summary.keys.extend(target.write_partition_parts("raw", "feedback", _as_date(day), tables))
     else:
         raise TypeError(f"write_day_bulk writes to a Storage or a local directory, not {type(target).__name__}")
-    summary = bulk_day_summary()
-    out.begin()
-    for i, table in enumerate(iter_day_bulk(marketplace, day, summary=summary, **kwargs)):
-        summary.keys.append(out.write(f"part-{i:05d}.parquet", table))
-    out.commit(SUCCESS_MARKER)
     log.info("wrote %s: %d events in %d parts", prefix, summary.events, summary.parts)
     return summary
