@@ -466,16 +466,10 @@ def run_spark(paths: dict[str, Path], out: Path, stage: Callable, driver_memory:
                 F.avg("position").alias("mean_position")))
     # one row per (query, product) seen: small (the catalogue x the queries at most), finished on the driver
     agg = agg.orderBy("query", "product_id").toPandas()
-    pairs_seen, pairs = len(agg), graded_pairs(agg, p)
-    stats = {"events_in": res["observed"].get("row_count_vs_previous_partition"), "sessions": per_s.count(),
-             "bot_sessions": bots.count(),
-             "requests": rp.select("request_id").distinct().count(),
-             "pairs_seen": pairs_seen, "pairs_out": len(pairs),
-             "grade_histogram": {g: int((pairs["grade"] == g).sum()) for g in range(4)},
-             "propensity_method_used": method, "propensities": {k + 1: v for k, v in enumerate(prop)}}
-    stage("labels.write")
-    pairs.to_parquet(out / "pairs.parquet", index=False)
-    res["labels"] = _label_summary(pairs, stats)
+    res["labels"] = finish_labels(agg, p, {"events_in": res["observed"].get("row_count_vs_previous_partition"),
+                                           "sessions": per_s.count(), "bot_sessions": bots.count(),
+                                           "requests": rp.select("request_id").distinct().count()},
+                                  method, prop, out, stage)
     spark.stop()
     return res
 
@@ -502,19 +496,18 @@ def spark_per_check(ctx, batch_def, derived, params, options, stage: Callable, r
     return res
 
 
-def graded_pairs(agg, p):
-    """labels._aggregate's last step on an engine's (query, product) aggregate: pairs with enough
-    impressions, IPW utility, grade and weight."""
-    from shoprank.labels import grade_of
+def finish_labels(agg, p, counts: dict, method: str, prop, out: Path, stage: Callable) -> dict:
+    """labels._aggregate's last step on an engine's (query, product) aggregate (pairs with enough
+    impressions, graded by ``labels.grade_pairs``), the stats, the pairs written; the summary."""
+    from shoprank.labels import grade_pairs
 
-    pairs = agg[agg["impressions"] >= p.min_impressions].reset_index(drop=True)
-    value = (p.w_click * pairs["ipw_clicks"] + p.w_add_to_cart * pairs["ipw_carts"]
-             + p.w_purchase * pairs["ipw_purchases"])
-    pairs["utility"] = value / (pairs["impressions"] + p.prior_impressions)
-    pairs["grade"] = grade_of(pairs["utility"], p.grade_thresholds).astype("int64")
-    pairs["weight"] = pairs["impressions"] / (pairs["impressions"] + p.weight_half_impressions)
-    pairs["source"] = "derived"
-    return pairs
+    pairs = grade_pairs(agg[agg["impressions"] >= p.min_impressions].reset_index(drop=True), p)
+    stats = {**counts, "pairs_seen": len(agg), "pairs_out": len(pairs),
+             "grade_histogram": {g: int((pairs["grade"] == g).sum()) for g in range(4)},
+             "propensity_method_used": method, "propensities": {k + 1: v for k, v in enumerate(prop)}}
+    stage("labels.write")
+    pairs.to_parquet(out / "pairs.parquet", index=False)
+    return _label_summary(pairs, stats)
 
 
 def harvest_from_counts(t, top: int, p) -> tuple[list[float], str]:
@@ -672,16 +665,9 @@ def run_duckdb(paths: dict[str, Path], out: Path, stage: Callable, memory_limit:
                sum(purchased * inv) AS ipw_purchases, avg(position) AS mean_position
         FROM rp JOIN inv ON inv.pos = least(rp.position, {top}) GROUP BY query, product_id ORDER BY query, product_id
     """).fetchdf()
-    pairs_seen, pairs = len(agg), graded_pairs(agg, p)
     bots_n, sessions_n = con.execute("SELECT count(*), coalesce(max(sessions), 0) FROM bots").fetchone()
-    stats = {"events_in": n, "bot_sessions": int(bots_n),
-             "requests": con.execute("SELECT count(DISTINCT request_id) FROM rp").fetchone()[0],
-             "pairs_seen": pairs_seen, "pairs_out": len(pairs),
-             "grade_histogram": {g: int((pairs["grade"] == g).sum()) for g in range(4)},
-             "propensity_method_used": method, "propensities": {k + 1: v for k, v in enumerate(prop)}}
-    stage("labels.write")
-    pairs.to_parquet(out / "pairs.parquet", index=False)
-    res["labels"] = _label_summary(pairs, stats)
+    res["labels"] = finish_labels(agg, p, {"events_in": n, "bot_sessions": int(bots_n), "requests": con.execute(
+        "SELECT count(DISTINCT request_id) FROM rp").fetchone()[0]}, method, prop, out, stage)
     con.close()
     return res
 

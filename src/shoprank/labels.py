@@ -472,13 +472,7 @@ def _aggregate(rp: pd.DataFrame, prop: pd.Series, params: LabelParams, stats: di
     stats["pairs_seen"] = int(len(agg))
     keep = agg["impressions"] >= params.min_impressions
     stats["pairs_dropped_min_impressions"] = int((~keep).sum())
-    agg = agg[keep].reset_index(drop=True)
-    value = (params.w_click * agg["ipw_clicks"] + params.w_add_to_cart * agg["ipw_carts"]
-             + params.w_purchase * agg["ipw_purchases"])
-    agg["utility"] = value / (agg["impressions"] + params.prior_impressions)
-    agg["grade"] = grade_of(agg["utility"], params.grade_thresholds).astype("int64")
-    agg["weight"] = agg["impressions"] / (agg["impressions"] + params.weight_half_impressions)
-    agg["source"] = "derived"
+    agg = grade_pairs(agg[keep].reset_index(drop=True), params)
     agg = agg[PAIR_COLUMNS].astype({"query": "string", "product_id": "string", "source": "string",
                                     "impressions": "int64", "clicks": "int64", "carts": "int64",
                                     "purchases": "int64", "grade": "int64"})
@@ -493,6 +487,18 @@ def _aggregate(rp: pd.DataFrame, prop: pd.Series, params: LabelParams, stats: di
 # ---------------------------------------------------------------------------------------
 # pairs -> training rows / judgments; replay mixing; holdout
 # ---------------------------------------------------------------------------------------
+def grade_pairs(agg: pd.DataFrame, params: LabelParams) -> pd.DataFrame:
+    """IPW utility, grade, weight and source of (query, product) aggregates that have
+    ``impressions`` and ``ipw_clicks`` / ``ipw_carts`` / ``ipw_purchases`` (in place; returned)."""
+    value = (params.w_click * agg["ipw_clicks"] + params.w_add_to_cart * agg["ipw_carts"]
+             + params.w_purchase * agg["ipw_purchases"])
+    agg["utility"] = value / (agg["impressions"] + params.prior_impressions)
+    agg["grade"] = grade_of(agg["utility"], params.grade_thresholds).astype("int64")
+    agg["weight"] = agg["impressions"] / (agg["impressions"] + params.weight_half_impressions)
+    agg["source"] = "derived"
+    return agg
+
+
 def to_judgments(pairs: pd.DataFrame) -> pd.DataFrame:
     """Derived pairs as JUDGMENTS-contract rows (``source = 'derived'``)."""
     return JUDGMENTS.conform(pairs.assign(source="derived"))
