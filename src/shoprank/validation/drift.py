@@ -218,9 +218,16 @@ def _top_k_counts(ref: pd.Series, cur: pd.Series, k: int, min_share: float = 0.0
     query of a small reference day in its own bin and all of the current day's unseen ones in
     ``(other)`` (0 vs 30 % on steady traffic), a difference made by the selection, not the data.
     """
-    ref_counts, cur_counts = ref.value_counts(dropna=False), cur.value_counts(dropna=False)
+    return _top_k_of_counts(ref.value_counts(dropna=False), cur.value_counts(dropna=False), k, min_share,
+                            min_expected)
+
+
+def _top_k_of_counts(ref_counts: pd.Series, cur_counts: pd.Series, k: int, min_share: float = 0.0,
+                     min_expected: float = MIN_EXPECTED) -> tuple[pd.Series, pd.Series]:
+    """:func:`_top_k_counts` from the two days' counts per category."""
     both = ref_counts.add(cur_counts, fill_value=0).sort_values(ascending=False, kind="stable")
-    total, smaller = max(len(ref) + len(cur), 1), min(len(ref), len(cur))
+    n_ref, n_cur = int(ref_counts.sum()), int(cur_counts.sum())
+    total, smaller = max(n_ref + n_cur, 1), min(n_ref, n_cur)
     share = both / total
     top = share.iloc[:k]
     keep = set(top.index[(top >= min_share) & (top * smaller >= min_expected)])
@@ -234,7 +241,7 @@ def _top_k_counts(ref: pd.Series, cur: pd.Series, k: int, min_share: float = 0.0
             out.loc[OTHER] = other
         return out
 
-    return pool(ref_counts), pool(cur.value_counts(dropna=False))
+    return pool(ref_counts), pool(cur_counts)
 
 
 def _share_table(ref: pd.Series, cur: pd.Series, limit: int = 15) -> dict[str, dict[str, float]]:
@@ -348,37 +355,83 @@ def _position_bucket(pos: pd.Series, n: int) -> pd.Series:
     return pd.Series(labels, index=pos.index)
 
 
-def feedback_drift(cur: pd.DataFrame, ref: pd.DataFrame, opts: DriftOptions) -> list[DriftMetric]:
+@dataclass
+class FeedbackCounts:
+    """What feedback drift compares, as counts: small whatever the day's size, so an engine
+    (pandas :func:`feedback_counts`, Spark ``spark_engine.feedback_counts_spark``) computes them
+    and :func:`feedback_drift` never needs the events themselves."""
+
+    rows: int
+    event_types: dict  # event_type -> events
+    searches: dict  # query -> requests (the query of each request's first event)
+    click_positions: dict  # position -> clicks
+    position_events: dict  # position (1..ctr_positions) -> {"impression": n, "click": n}
+
+
+def feedback_counts(df: pd.DataFrame, positions: int) -> FeedbackCounts:
+    searches = df.drop_duplicates("request_id")["query"] if "request_id" in df.columns else df["query"]
+    clicks = df[df["event_type"] == "click"]
+    top = df[df["position"].between(1, positions) & df["event_type"].isin(["impression", "click"])]
+    table: dict[int, dict[str, int]] = {}
+    for (p, e), n in top.groupby(["position", "event_type"]).size().items():
+        table.setdefault(int(p), {})[str(e)] = int(n)
+    click_pos = pd.to_numeric(clicks["position"], errors="coerce")
+    return FeedbackCounts(
+        rows=len(df), event_types={k: int(v) for k, v in df["event_type"].value_counts().items()},
+        searches={(None if pd.isna(k) else k): int(v) for k, v in searches.value_counts(dropna=False).items()},
+        click_positions={(None if pd.isna(k) else int(k)): int(v)
+                         for k, v in click_pos.value_counts(dropna=False).items()},
+        position_events=table)
+
+
+def _series(counts: dict) -> pd.Series:
+    """Counts as a Series in one canonical order (so both engines tie-break alike)."""
+    keys = sorted(counts, key=lambda k: (k is None, str(k)))
+    return pd.Series([counts[k] for k in keys], index=pd.Index([np.nan if k is None else k for k in keys],
+                                                               dtype=object), dtype="int64")
+
+
+def feedback_drift(cur: "pd.DataFrame | FeedbackCounts", ref: "pd.DataFrame | FeedbackCounts",
+                   opts: DriftOptions) -> list[DriftMetric]:
+    if isinstance(cur, pd.DataFrame):
+        cur = feedback_counts(cur, opts.ctr_positions)
+    if isinstance(ref, pd.DataFrame):
+        ref = feedback_counts(ref, opts.ctr_positions)
     out: list[DriftMetric] = []
-    if min(len(ref), len(cur)) < opts.min_rows:
-        why = f"fewer than {opts.min_rows} events on one of the days ({len(ref)} vs {len(cur)})"
+    if min(ref.rows, cur.rows) < opts.min_rows:
+        why = f"fewer than {opts.min_rows} events on one of the days ({ref.rows} vs {cur.rows})"
         return [_not_evaluated(n, m, t, why) for n, m, t in (
             ("event_type_mix_psi", "psi", opts.psi_threshold), ("query_mix_psi", "psi", opts.psi_threshold),
             ("click_position_psi", "psi", opts.psi_threshold), ("ctr_by_position", "max_abs_diff", opts.ctr_abs_threshold))]
     types = pd.Index(list(EVENT_TYPES))
-    r = ref["event_type"].value_counts().reindex(types.union(ref["event_type"].dropna().unique()), fill_value=0)
-    c = cur["event_type"].value_counts().reindex(types.union(cur["event_type"].dropna().unique()), fill_value=0)
-    out.append(_psi_metric("event_type_mix_psi", r, c, opts))
 
-    def searches(df: pd.DataFrame) -> pd.Series:
-        return df.drop_duplicates("request_id")["query"] if "request_id" in df.columns else df["query"]
+    def type_counts(fc: FeedbackCounts) -> pd.Series:
+        known = {k: fc.event_types[k] for k in sorted(k for k in fc.event_types if k is not None)}  # canonical
+        return pd.Series(known, dtype="int64").reindex(types.union(pd.Index(list(known))), fill_value=0)
 
-    r, c = _top_k_counts(searches(ref), searches(cur), opts.top_k, opts.min_share)
+    out.append(_psi_metric("event_type_mix_psi", type_counts(ref), type_counts(cur), opts))
+    r, c = _top_k_of_counts(_series(ref.searches), _series(cur.searches), opts.top_k, opts.min_share)
     out.append(_psi_metric("query_mix_psi", r, c, opts))
 
     n = opts.ctr_positions
-    rclicks, cclicks = ref[ref["event_type"] == "click"], cur[cur["event_type"] == "click"]
-    if min(len(rclicks), len(cclicks)) < max(10, opts.min_rows // 10):
-        out.append(_not_evaluated("click_position_psi", "psi", opts.psi_threshold,
-                                  f"too few clicks ({len(rclicks)} vs {len(cclicks)})"))
-    else:
-        out.append(_psi_metric("click_position_psi", _position_bucket(rclicks["position"], n).value_counts(),
-                               _position_bucket(cclicks["position"], n).value_counts(), opts))
 
-    def ctr(df: pd.DataFrame) -> pd.DataFrame:
-        top = df[df["position"].between(1, n) & df["event_type"].isin(["impression", "click"])]
-        t = pd.crosstab(top["position"], top["event_type"]).reindex(columns=["impression", "click"], fill_value=0)
-        t = t.reindex(range(1, n + 1), fill_value=0)
+    def buckets(fc: FeedbackCounts) -> pd.Series:
+        pos = pd.Series(list(fc.click_positions), dtype="float64")
+        labels = _position_bucket(pos, n) if len(pos) else pd.Series([], dtype=object)
+        return pd.Series(list(fc.click_positions.values()), index=labels.to_numpy(), dtype="int64").groupby(
+            level=0).sum().sort_values(ascending=False, kind="stable")
+
+    rclicks, cclicks = sum(ref.click_positions.values()), sum(cur.click_positions.values())
+    if min(rclicks, cclicks) < max(10, opts.min_rows // 10):
+        out.append(_not_evaluated("click_position_psi", "psi", opts.psi_threshold,
+                                  f"too few clicks ({rclicks} vs {cclicks})"))
+    else:
+        out.append(_psi_metric("click_position_psi", buckets(ref), buckets(cur), opts))
+
+    def ctr(fc: FeedbackCounts) -> pd.DataFrame:
+        t = pd.DataFrame({"impression": [fc.position_events.get(p, {}).get("impression", 0) for p in range(1, n + 1)],
+                          "click": [fc.position_events.get(p, {}).get("click", 0) for p in range(1, n + 1)]},
+                         index=pd.RangeIndex(1, n + 1, name="position"), dtype="int64")
         t["ctr"] = t["click"] / t["impression"].where(t["impression"] > 0)
         return t
 
@@ -428,6 +481,10 @@ def _r(v: Any, digits: int = 5) -> float | None:
     return None if v is None or pd.isna(v) else round(float(v), digits)
 
 
+def _rows(data: "pd.DataFrame | FeedbackCounts") -> int:
+    return data.rows if isinstance(data, FeedbackCounts) else len(data)
+
+
 def compute_drift(
     current: pd.DataFrame,
     reference: pd.DataFrame | None,
@@ -442,8 +499,8 @@ def compute_drift(
     if dataset not in DRIFT_DATASETS:
         raise ValueError(f"drift is computed for {DRIFT_DATASETS}, not {dataset!r}")
     report = DriftReport(dataset=dataset, day=_iso(day), reference_day=_iso(reference_day) if reference_day else None,
-                         mode=opts.mode, status="no_reference", rows=len(current),
-                         reference_rows=0 if reference is None else len(reference), run_id=run_id)
+                         mode=opts.mode, status="no_reference", rows=_rows(current),
+                         reference_rows=0 if reference is None else _rows(reference), run_id=run_id)
     if reference is None:
         return report
     report.metrics = (catalog_drift if dataset == "catalog" else feedback_drift)(current, reference, opts)
