@@ -334,6 +334,42 @@ class ValidationSettings(Group):
         return out
 
 
+class EngineSettings(Group):
+    """Where the feedback path (validation, label derivation) runs: pandas in the task's process,
+    or Spark (local mode in the task's process, or a cluster by master URL).  docs/scale.md."""
+
+    feedback_engine: Literal["auto", "pandas", "spark"] = var(
+        "SHOPRANK_FEEDBACK_ENGINE", "auto",
+        "engine of the feedback path: `pandas` (in process), `spark` (GX on Spark + Spark labels) or `auto` "
+        "(Spark for a Parquet day of at least `SHOPRANK_SPARK_MIN_MB`, when pyspark is installed)")
+    spark_min_mb: float = var("SHOPRANK_SPARK_MIN_MB", 100.0,
+                              "`auto`: a feedback day of this many MB of Parquet or more goes to Spark", ge=0)
+    spark_master: str = var("SHOPRANK_SPARK_MASTER", "local[*]",
+                            "Spark master: `local[*]` (in the task, no service), `spark://host:7077`, `k8s://...`, "
+                            "`yarn`")
+    spark_conf: str = var("SHOPRANK_SPARK_CONF", "",
+                          "extra Spark settings, `key=value` separated by commas (e.g. "
+                          "`spark.driver.memory=2g,spark.hadoop.fs.s3a.endpoint=...`)")
+    spark_shuffle_partitions: int = var("SHOPRANK_SPARK_SHUFFLE_PARTITIONS", 16,
+                                        "`spark.sql.shuffle.partitions` (Spark's 200 are tiny tasks on a small "
+                                        "machine; raise it on a cluster)", ge=1)
+    spark_read: Literal["auto", "stage", "s3a"] = var(
+        "SHOPRANK_SPARK_READ", "auto",
+        "how Spark reads S3: `stage` (boto3 managed downloads to the driver's disk; local masters), `s3a` "
+        "(executors read `s3a://` themselves; needs hadoop-aws on the cluster) or `auto` (stage for `local`)")
+
+    def conf_pairs(self) -> dict[str, str]:
+        out = {}
+        for item in (p.strip() for p in self.spark_conf.split(",")):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"SHOPRANK_SPARK_CONF: expected key=value, got {item!r}")
+            out[key.strip()] = value.strip()
+        return out
+
+
 class ServingSettings(Group):
     """Overrides of the ranking API's :class:`shoprank.serving.app.ServeConfig` (empty: its
     default), the export check and the user-id pseudonymisation key."""
@@ -389,7 +425,7 @@ GROUPS: dict[str, type[Group]] = {
     "general": GeneralSettings, "storage": StorageSettings, "mlflow": MlflowSettings,
     "airflow": AirflowSettings, "training": TrainingSettings, "gate": GateSettings,
     "approval": ApprovalSettings, "daily": DailySettings, "validation": ValidationSettings,
-    "serving": ServingSettings,
+    "serving": ServingSettings, "engine": EngineSettings,
 }
 
 
@@ -464,7 +500,7 @@ FLAT_NAMES = {
 
 class Settings(BaseSettings):
     """The resolved tree.  Groups: ``general``, ``storage``, ``mlflow``, ``airflow``,
-    ``training``, ``gate``, ``approval``, ``daily``, ``validation``, ``serving``.  The
+    ``training``, ``gate``, ``approval``, ``daily``, ``validation``, ``serving``, ``engine``.  The
     flat names used across the code (``settings.bucket``, ``settings.mlflow_tracking_uri``,
     ...) are read-only views of the groups."""
 
@@ -480,6 +516,7 @@ class Settings(BaseSettings):
     daily: DailySettings = DailySettings()
     validation: ValidationSettings = ValidationSettings()
     serving: ServingSettings = ServingSettings()
+    engine: EngineSettings = EngineSettings()
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 

@@ -334,6 +334,16 @@ class Storage:
             raise _explain(exc, self.settings, f"list {prefix}") from exc
         return sorted(keys)
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """``{key: bytes}`` of every object under ``prefix`` (one listing, nothing read)."""
+        out: dict[str, int] = {}
+        try:
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                out.update((obj["Key"], int(obj.get("Size", 0))) for obj in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, self.settings, f"list {prefix}") from exc
+        return out
+
     def scan_partitions(self, zone: str, dataset: str) -> "PartitionScan":
         """Every folder under ``<zone>/<dataset>/``, sorted into complete, incomplete (no
         ``_SUCCESS``) and malformed (not ``dt=YYYY-MM-DD`` with a real date) partitions."""
