@@ -195,6 +195,7 @@ class ValidationOutcome:
     duration_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     bucket: str | None = None
+    engine: str = "pandas"  # pandas | spark (shoprank.spark.choose_engine)
 
     @property
     def failed_checks(self) -> list[str]:
@@ -613,6 +614,11 @@ def _promote(storage, outcome: ValidationOutcome, df: pd.DataFrame, gx_result: d
     contract = contract_for(outcome.dataset)
     clean = contract.conform(strip_derived(df))
     storage.write_partition(clean, "validated", outcome.dataset, outcome.day)
+    _promote_summary(storage, outcome, gx_result)
+
+
+def _promote_summary(storage, outcome: ValidationOutcome, gx_result: dict[str, Any] | None) -> None:
+    """``_validation.json`` next to the validated parts (their _SUCCESS is already written)."""
     prefix = partition_prefix("validated", outcome.dataset, outcome.day)
     outcome.validated_prefix = prefix
     outcome.report_key = prefix + VALIDATED_SUMMARY
@@ -716,6 +722,19 @@ def validate_partition(
 def _validate_listed(storage, dataset: str, day: str, run_id: str, options: ValidationOptions, catalog_ids,
                      listing, strays: list[str], base: dict[str, Any], lap, finish, state: dict[str, Any]):
     raw = base["raw_prefix"]
+    if dataset == "feedback" and listing.data and not listing.nested:
+        from shoprank.config import Settings
+        from shoprank.spark import choose_engine
+
+        settings = Settings.from_env()
+        engine, why = choose_engine(settings.engine, listing.data, storage.sizes(raw))
+        state["engine"] = engine
+        log.info("feedback dt=%s: validating with %s (%s)", day, engine, why)
+        if engine == "spark":
+            outcome = _validate_spark(storage, settings, dataset, day, run_id, options, catalog_ids, listing,
+                                      strays, base, lap, finish, state)
+            if outcome is not None:
+                return outcome
     # 1. read ------------------------------------------------------------------------------
     batch = state["batch"] = _read_raw(storage, dataset, day, options, listing)
     lap("read")
@@ -739,9 +758,40 @@ def _validate_listed(storage, dataset: str, day: str, run_id: str, options: Vali
 
     # 2. run-time inputs ------------------------------------------------------------------------
     state["stage"] = "prepare"
+    warnings = list(empties)
+    prev_rows, params, gx_params, ids = _run_time_inputs(storage, dataset, day, options, catalog_ids, warnings)
+    derived = add_derived_columns(batch.df, dataset, options, ids)
+    lap("prepare")
+
+    # 3. validate (+ Data Docs) ---------------------------------------------------------------------
+    state["stage"] = "validate"
+    result, docs = _validate_with_docs(storage, dataset, day, run_id, derived, gx_params, options, warnings,
+                                       lambda: _run_cached(dataset, run_id, derived, gx_params, options))
+    lap("validate_and_docs" if options.build_docs else "validate")
+    outcome = _outcome(result, dataset, day, run_id, derived, batch, gx_params, options, prev_rows)
+    gx_result = _checked(storage, outcome, result, params, gx_params, warnings, where, docs, finish)
+
+    # 4. drift ------------------------------------------------------------------------------
+    state["stage"] = "drift"
+    _drift_step(storage, outcome, gx_result, options, lap, finish,
+                lambda: _drift(storage, dataset, day, run_id, batch.df, options))
+
+    # 5. promote ----------------------------------------------------------------------------
+    state["stage"] = "promote"
+    lap("report")
+    _promote(storage, outcome, batch.df, gx_result)
+    lap("promote")
+    finish(outcome)
+    log.info("%s -> %s in %.1f s", outcome.headline(), storage.uri(outcome.validated_prefix), outcome.duration_s)
+    return outcome
+
+
+def _run_time_inputs(storage, dataset: str, day: str, options: ValidationOptions, catalog_ids,
+                     warnings: list[str]) -> tuple[int | None, dict[str, Any], dict[str, Any], pd.Index | None]:
+    """(previous row count, all parameters, the suite's parameters, catalogue product ids): the
+    previous partition's row count and the catalogue's ids (``catalog_ids`` overrides)."""
     prev_day, prev_rows = previous_row_count(storage, dataset, day)
     params = suite_parameters(dataset, day, options, prev_rows)
-    warnings = list(empties)
     ids = None
     if dataset in ("judgments", "feedback"):
         if catalog_ids is not None:
@@ -759,68 +809,183 @@ def _validate_listed(storage, dataset: str, day: str, run_id: str, options: Vali
     if prev_day:
         params["previous_partition"] = prev_day
         params["previous_row_count"] = prev_rows
-    derived = add_derived_columns(batch.df, dataset, options, ids)
-    lap("prepare")
     gx_params = {k: v for k, v in params.items() if k not in ("catalog_partition", "previous_partition", "previous_row_count")}
+    return prev_rows, params, gx_params, ids
 
-    # 3. validate (+ Data Docs) ---------------------------------------------------------------------
-    state["stage"] = "validate"
-    docs: dict[str, str | None] = {}
-    if options.build_docs:
-        try:
-            result, docs = _run_with_data_docs(storage, dataset, day, run_id, derived, gx_params, options)
-        except StorageError:
-            raise
-        except Exception as exc:  # docs are a convenience; validation must still run
-            log.warning("Data Docs could not be built (%s: %s); validating without them", type(exc).__name__, exc)
-            warnings.append(f"Data Docs not built: {type(exc).__name__}: {exc}")
-            result = _run_cached(dataset, run_id, derived, gx_params, options)
-    else:
-        result = _run_cached(dataset, run_id, derived, gx_params, options)
-    lap("validate_and_docs" if options.build_docs else "validate")
-    outcome = _outcome(result, dataset, day, run_id, derived, batch, gx_params, options, prev_rows)
+
+def _validate_with_docs(storage, dataset: str, day: str, run_id: str, frame, gx_params: dict[str, Any],
+                        options: ValidationOptions, warnings: list[str], run_plain, spark: bool = False):
+    """(GX result, Data Docs keys): with Data Docs when asked; a docs failure still validates."""
+    if not options.build_docs:
+        return run_plain(), {}
+    try:
+        return _run_with_data_docs(storage, dataset, day, run_id, frame, gx_params, options, spark=spark)
+    except StorageError:
+        raise
+    except Exception as exc:  # docs are a convenience; validation must still run
+        log.warning("Data Docs could not be built (%s: %s); validating without them", type(exc).__name__, exc)
+        warnings.append(f"Data Docs not built: {type(exc).__name__}: {exc}")
+        return run_plain(), {}
+
+
+def _checked(storage, outcome: ValidationOutcome, result, params: dict[str, Any], gx_params: dict[str, Any],
+             warnings: list[str], where: dict[str, Any], docs: dict[str, Any], finish,
+             gx_result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Complete the outcome of the checks (where, warnings, docs); refuse a failed batch.
+    Returns the GX result as JSON (for the reports; ``gx_result`` when already taken)."""
     outcome.parameters.update({k: v for k, v in params.items() if k not in gx_params})
-    outcome.raw_prefix, outcome.bucket = raw, storage.bucket
+    outcome.raw_prefix, outcome.bucket = partition_prefix("raw", outcome.dataset, outcome.day), storage.bucket
     outcome.warnings = warnings + outcome.warnings
     outcome.ignored_keys, outcome.stray_folders = where["ignored_keys"], where["stray_folders"]
     outcome.docs_index_key, outcome.docs_page_key = docs.get("index"), docs.get("page")
-    gx_result = result.to_json_dict()
+    gx_result = gx_result if gx_result is not None else result.to_json_dict()
     for w in outcome.warnings:
-        log.warning("%s dt=%s: %s", dataset, day, w)
+        log.warning("%s dt=%s: %s", outcome.dataset, outcome.day, w)
     if not outcome.success:
         finish(outcome)
         _refuse(storage, outcome, gx_result)
+    return gx_result
 
-    # 4. drift ------------------------------------------------------------------------------
-    state["stage"] = "drift"
+
+def _drift_step(storage, outcome: ValidationOutcome, gx_result: dict[str, Any], options: ValidationOptions, lap,
+                finish, compute) -> None:
+    """Drift vs the previous validated day (``compute()`` -> DriftReport) into the outcome;
+    blocking drift refuses the batch, a drift error only warns unless drift mode is ``block``."""
+    dataset, day = outcome.dataset, outcome.day
+    if dataset not in DRIFT_DATASETS or options.drift.mode == "off":
+        return
     report: DriftReport | None = None
-    if dataset in DRIFT_DATASETS and options.drift.mode != "off":
-        try:
-            report = _drift(storage, dataset, day, run_id, batch.df, options)
-        except StorageError:
+    try:
+        report = compute()
+    except StorageError:
+        raise
+    except Exception as exc:
+        if options.drift.mode == "block":
             raise
-        except Exception as exc:
-            if options.drift.mode == "block":
-                raise
-            outcome.warnings.append(f"drift not computed: {type(exc).__name__}: {exc}")
-            log.warning("%s dt=%s: drift not computed (%s: %s)", dataset, day, type(exc).__name__, exc)
-        lap("drift")
-        if report is not None:
-            outcome.drift = report.to_dict() | {"summary": report.summary()}
-            outcome.drift_report_key = report.key
-            if report.blocking:
-                outcome.status = "drift"
-                finish(outcome)
-                _refuse(storage, outcome, gx_result, error=DriftDetected, report=report)
+        outcome.warnings.append(f"drift not computed: {type(exc).__name__}: {exc}")
+        log.warning("%s dt=%s: drift not computed (%s: %s)", dataset, day, type(exc).__name__, exc)
+    lap("drift")
+    if report is not None:
+        outcome.drift = report.to_dict() | {"summary": report.summary()}
+        outcome.drift_report_key = report.key
+        if report.blocking:
+            outcome.status = "drift"
+            finish(outcome)
+            _refuse(storage, outcome, gx_result, error=DriftDetected, report=report)
 
-    # 5. promote ----------------------------------------------------------------------------
-    state["stage"] = "promote"
-    lap("report")
-    _promote(storage, outcome, batch.df, gx_result)
-    lap("promote")
+
+def _validate_spark(storage, settings, dataset: str, day: str, run_id: str, options: ValidationOptions, catalog_ids,
+                    listing, strays: list[str], base: dict[str, Any], lap, finish,
+                    state: dict[str, Any]) -> ValidationOutcome | None:
+    """Steps 1-5 of ``_validate_listed`` on Spark (``spark_engine``'s docstring says what differs).
+    Returns None when the files are not plain contract-typed Parquet: the pandas reader then
+    reads them and explains any bad cell by file, row and column."""
+    from pyspark import StorageLevel
+
+    from shoprank.spark import SparkInput, spark_session
+    from shoprank.validation import spark_engine as SE
+
+    with SparkInput(settings, storage) as inp:
+        paths = inp.paths(listing.data)
+        readable = SE.spark_readable(dataset, listing.data, paths) if inp.staged else SE.Readable(ok=True)
+        lap("read")
+        if not readable.ok:
+            log.warning("feedback dt=%s: not read on Spark: %s; the pandas reader reads it instead", day, readable.why)
+            state["engine"] = "pandas"
+            return None
+        spark = spark_session(settings, storage=storage)
+        sdf = SE.read_day(spark, dataset, paths, listing.data)
+        # 2. run-time inputs -------------------------------------------------------------------------
+        state["stage"] = "prepare"
+        too_long = [c for c, n in sdf.selectExpr(*[f"max(length(`{c.name}`)) as `{c.name}`" for c in
+                                                   CONTRACTS[dataset].columns if c.dtype == "string"
+                                                   and c.name in sdf.columns]).first().asDict().items()
+                    if n is not None and n > options.max_field_chars]
+        if too_long:
+            log.warning("feedback dt=%s: cells longer than %d characters in %s: the pandas reader reports them",
+                        day, options.max_field_chars, too_long)
+            state["engine"] = "pandas"
+            return None
+        rows = readable.rows or sdf.count()
+        where = dict(ignored_keys=listing.ignored_lines(), stray_folders=list(strays))
+        if rows == 0:
+            outcome = finish(ValidationOutcome(success=False, status="empty", files=list(listing.data), **where, **base))
+            _write_quarantine(storage, outcome, None)
+            raise EmptyPartition(outcome.message(), outcome)
+        warnings: list[str] = []
+        prev_rows, params, gx_params, ids = _run_time_inputs(storage, dataset, day, options, catalog_ids, warnings)
+        derived = SE.derived_columns(spark, sdf, options, ids).persist(StorageLevel.DISK_ONLY)
+        lap("prepare")
+        log.info("feedback dt=%s: %d rows from %d file(s) on Spark (%s)", day, rows, len(listing.data),
+                 settings.engine.spark_master)
+
+        # 3. validate (+ Data Docs) --------------------------------------------------------------
+        state["stage"] = "validate"
+        when = _run_id(run_id, dt.datetime.now(dt.timezone.utc))
+        try:
+            result, docs = _validate_with_docs(storage, dataset, day, run_id, derived, gx_params, options, warnings,
+                                               lambda: SE.run_suite(None, derived, gx_params, options, when),
+                                               spark=True)
+            lap("validate_and_docs" if options.build_docs else "validate")
+            gx_result = result.to_json_dict()  # before the example rows are renumbered
+            small, batch = SE.example_batch(derived, result, listing.data, readable.file_rows)
+            state["batch"] = batch
+            outcome = _outcome(result, dataset, day, run_id, small, batch, gx_params, options, prev_rows)
+            outcome.row_count, outcome.engine = rows, "spark"
+            _checked(storage, outcome, result, params, gx_params, warnings + readable.notes, where, docs, finish,
+                     gx_result)
+
+            # 4. drift: counts of both days on Spark (the events never reach pandas) ----------------
+            state["stage"] = "drift"
+            _drift_step(storage, outcome, gx_result, options, lap, finish,
+                        lambda: _drift_spark(storage, spark, inp, dataset, day, run_id, sdf, options))
+
+            # 5. promote: the raw files, already contract-typed (spark_readable), streamed batch by
+            # batch in file order into the contract's columns and dtypes: the same files pandas writes
+            state["stage"] = "promote"
+            lap("report")
+            if inp.staged:
+                parts = SE.contract_parts(dataset, paths)
+            else:  # s3a: the cluster writes the contract columns in order; the parts stream through here
+                contract = contract_for(dataset)
+                out_dir = inp.scratch("validated")
+                cols = [c for c in contract.names + [c.name for c in contract.optional_columns] if c in sdf.columns]
+                sdf.orderBy(SE.ROW_ID).select(*cols).write.mode("overwrite").parquet(out_dir)
+                parts = (contract.conform(pq_read(p)) for p in inp.written_parts(out_dir))
+            storage.write_partition_parts("validated", dataset, day, parts)
+            _promote_summary(storage, outcome, gx_result)
+            lap("promote")
+        finally:
+            derived.unpersist()
     finish(outcome)
-    log.info("%s -> %s in %.1f s", outcome.headline(), storage.uri(outcome.validated_prefix), outcome.duration_s)
+    log.info("%s -> %s in %.1f s (Spark)", outcome.headline(), storage.uri(outcome.validated_prefix),
+             outcome.duration_s)
     return outcome
+
+
+def pq_read(path: str) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pandas()
+
+
+def _drift_spark(storage, spark, inp, dataset: str, day: str, run_id: str, sdf, options: ValidationOptions):
+    from shoprank.validation.drift import compute_drift
+    from shoprank.validation.spark_engine import feedback_counts_spark, read_day
+
+    n = options.drift.ctr_positions
+    ref_day = previous_partition(storage, "validated", dataset, day)
+    reference = None
+    if ref_day:
+        keys = [k for k in storage.partition_files("validated", dataset, ref_day) if k.endswith(".parquet")]
+        if keys:
+            reference = feedback_counts_spark(read_day(spark, dataset, inp.paths(keys, "reference"), keys), n)
+    report = compute_drift(feedback_counts_spark(sdf, n), reference, dataset, options, day=day,
+                           reference_day=ref_day, run_id=run_id)
+    write_drift_report(storage, report)
+    for m in report.drifted:
+        log.warning("drift in %s dt=%s (mode=%s): %s", dataset, day, report.mode, m.describe())
+    return report
 
 
 def _run_cached(dataset: str, run_id: str, df: pd.DataFrame, params: dict[str, Any], options: ValidationOptions):
@@ -847,8 +1012,8 @@ _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css", ".js"
                   ".ico": "image/x-icon", ".otf": "font/otf", ".woff": "font/woff", ".woff2": "font/woff2"}
 
 
-def _run_with_data_docs(storage, dataset: str, day: str, run_id: str, df: pd.DataFrame, params: dict[str, Any],
-                        options: ValidationOptions):
+def _run_with_data_docs(storage, dataset: str, day: str, run_id: str, df, params: dict[str, Any],
+                        options: ValidationOptions, spark: bool = False):
     """Validate inside a file-backed GX context in a temp dir, build Data Docs, upload them.
 
     The GX validation results of earlier runs (the newest ``docs_history``) are pulled from
@@ -872,15 +1037,23 @@ def _run_with_data_docs(storage, dataset: str, day: str, run_id: str, df: pd.Dat
             page_path.parent.mkdir(parents=True, exist_ok=True)
             page_path.write_bytes(b"")
             placeholders.add(page_path)
-        ctx.data_sources.add_pandas(DATASOURCE)
+        result_format = RESULT_FORMAT
+        if spark:  # a Spark DataFrame (validation.spark_engine)
+            from shoprank.validation.spark_engine import SPARK_RESULT_FORMAT, add_spark_definition
+
+            ctx.data_sources.add_spark(DATASOURCE)
+            result_format = SPARK_RESULT_FORMAT
+        else:
+            ctx.data_sources.add_pandas(DATASOURCE)
         vd = None
         for name in SUITES:  # every suite, so the index lists all of them
             if name == dataset:
-                vd = _add_definition(ctx, dataset, options, dataset, f"{dataset}_{day}")
+                vd = (add_spark_definition if spark else _add_definition)(ctx, dataset, options, dataset,
+                                                                          f"{dataset}_{day}")
             else:
                 ctx.suites.add(build_suite(name, options))
         checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-            name=f"validate_{dataset}", validation_definitions=[vd], result_format=RESULT_FORMAT,
+            name=f"validate_{dataset}", validation_definitions=[vd], result_format=result_format,
             actions=[UpdateDataDocsAction(name="update_data_docs")]))
         run = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=params,
                              run_id=_run_id(run_id, dt.datetime.now(dt.timezone.utc)))
