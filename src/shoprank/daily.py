@@ -178,16 +178,14 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
     Train it under ``run_key(day, variant)``."""
     from shoprank.datasets import check_no_leakage, load_split
     from shoprank.lexical import SNAPSHOT_STATS
-    from shoprank.labels import LabelParams, derive_labels, holdout_split, mix_with_replay, to_training_rows
+    from shoprank.labels import LabelParams, holdout_split, mix_with_replay, to_training_rows
 
     policy = policy or UpdatePolicy.from_env()
     reused = finished_manifest(storage, day, variant)
     if reused is not None:
         return reused
-    events = storage.read_partition("validated", "feedback", day)
     params = LabelParams()
-    result = derive_labels(events, params)
-    online = _online_metrics(events)
+    result, online, label_engine = derive_day_labels(settings, storage, day, params)
     storage.write_parquet(result.pairs, f"derived/labels/dt={day}/pairs.parquet")
     cat_day = storage.latest_partition("validated", "catalog", day)
     if cat_day is None:
@@ -243,6 +241,7 @@ def prepare_update(settings: Settings, storage: Storage, day: str, drifted: bool
                  "dropped_eval_queries": dropped_eval},
         "sources": {"feedback": day, "catalog": cat_day, "queries": q_day},
         "label_params": params.as_params(),
+        "label_engine": label_engine,
         "label_stats": {k: v for k, v in result.as_metrics().items()},
         "online_metrics": online,
         "update_policy": asdict(policy),
@@ -275,12 +274,49 @@ def finished_manifest(storage: Storage, day: str, variant: str = "") -> dict | N
     return manifest
 
 
-def _online_metrics(events) -> dict[str, float]:
-    """Per-arm online metrics of the day (``online_<arm>_<metric>``); never fails the update."""
+def derive_day_labels(settings: Settings, storage: Storage, day: str, params) -> tuple:
+    """(:class:`~shoprank.labels.LabelResult`, online metrics per arm, engine) of day D's validated feedback.
+
+    The engine is :func:`shoprank.spark.choose_engine`'s (``SHOPRANK_FEEDBACK_ENGINE``, and for
+    ``auto`` the day's Parquet size against ``SHOPRANK_SPARK_MIN_MB``): pandas reads the day into
+    memory (:func:`shoprank.labels.derive_labels`); Spark gets the files staged to local disk (or
+    read over s3a) and runs :func:`shoprank.labels_spark.derive_labels_spark`, which gives the same
+    pairs and stats."""
+    from shoprank.labels import derive_labels
+    from shoprank.spark import choose_engine
+    from shoprank.storage import partition_prefix
+
+    keys = [k for k in storage.partition_files("validated", "feedback", day) if k.endswith(".parquet")]
+    sizes = (storage.sizes(partition_prefix("validated", "feedback", day))
+             if keys and settings.engine.feedback_engine == "auto" else None)
+    engine, why = choose_engine(settings.engine, keys, sizes)
+    log.info("labels of %s: %s engine (%s)", day, engine, why)
+    if engine == "spark":
+        return (*_labels_on_spark(settings, storage, keys, params), engine)
+    events = storage.read_partition("validated", "feedback", day)
+    return derive_labels(events, params), _online_metrics(events), engine
+
+
+def _labels_on_spark(settings: Settings, storage: Storage, keys: list[str], params) -> tuple:
+    """The day's files staged (or read over s3a), derived and measured on the process's session."""
+    from shoprank.labels_spark import derive_labels_spark, online_metrics_by_arm_spark, read_events
+    from shoprank.spark import SparkInput, spark_session
+
+    with SparkInput(settings, storage) as staged:
+        spark = spark_session(settings, storage=storage)
+        events = read_events(spark, staged.paths(keys))
+        result = derive_labels_spark(spark, events, params)
+        online = _online_metrics(events, online_metrics_by_arm_spark)
+    return result, online
+
+
+def _online_metrics(events, compute=None) -> dict[str, float]:
+    """Per-arm online metrics of the day (``online_<arm>_<metric>``); never fails the update.
+    ``compute``: ``online_metrics_by_arm`` (pandas events, the default) or its Spark twin."""
     from shoprank.serving.online import online_metrics_by_arm
 
     try:
-        metrics = online_metrics_by_arm(events)
+        metrics = (compute or online_metrics_by_arm)(events)
     except Exception as exc:  # a metrics problem must not block training
         log.warning("online metrics per arm not computed: %s", exc)
         return {}

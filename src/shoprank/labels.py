@@ -6,6 +6,8 @@ add_to_cart, purchase) into graded (query, product) pairs with ``source = 'deriv
 can train on them, mixed with replayed older data by :func:`mix_with_replay`.  Every knob
 lives in :class:`LabelParams`; :meth:`LabelParams.as_params` gives them as flat MLflow
 params (``labels.*``) and :meth:`LabelResult.as_metrics` the run's figures.
+:mod:`shoprank.labels_spark` runs the same derivation on Spark (same pairs and stats) for days
+too large for pandas.
 
 The derivation, step by step
 ----------------------------
@@ -205,16 +207,21 @@ def derive_labels(events: pd.DataFrame, params: LabelParams = LabelParams()) -> 
     ev, bots = _drop_bots(ev, params, stats)
     rp = _per_request(ev, stats)
     prop, method, eta_hat = estimate_propensities(rp, params)
-    stats["propensity_method_used"] = method
-    stats["propensity_eta_hat"] = round(float(eta_hat), 4)
-    stats["propensities"] = {int(k): round(float(v), 4) for k, v in prop.items()}
-    log.info("labels: propensities (%s, eta_hat=%.2f): %s", method, eta_hat,
-             ", ".join(f"{k}:{v:.3f}" for k, v in prop.items()))
+    record_propensities(stats, prop, method, eta_hat)
     pairs = _aggregate(rp, prop, params, stats)
     stats["seconds"] = round(time.perf_counter() - t0, 3)
     log.info("labels: %d events in -> %d pairs out (grades %s) in %.2fs", stats["events_in"], stats["pairs_out"],
              stats["grade_histogram"], stats["seconds"])
     return LabelResult(pairs=pairs, stats=stats, params=params, bot_session_ids=bots)
+
+
+def record_propensities(stats: dict[str, Any], prop: pd.Series, method: str, eta_hat: float) -> None:
+    """The propensity stats (``propensity_method_used``, ``propensity_eta_hat``, ``propensities``), logged."""
+    stats["propensity_method_used"] = method
+    stats["propensity_eta_hat"] = round(float(eta_hat), 4)
+    stats["propensities"] = {int(k): round(float(v), 4) for k, v in prop.items()}
+    log.info("labels: propensities (%s, eta_hat=%.2f): %s", method, eta_hat,
+             ", ".join(f"{k}:{v:.3f}" for k, v in prop.items()))
 
 
 def _clean(events: pd.DataFrame, stats: dict[str, Any]) -> pd.DataFrame:
@@ -330,20 +337,47 @@ def estimate_propensities(rp: pd.DataFrame, params: LabelParams = LabelParams())
     a power-law fit to the result).  P is the largest observed position, capped at
     ``max_position`` (at least 1).
     """
-    top = int(min(max(int(rp["position"].max()) if len(rp) else 1, 1), params.max_position))
-    positions = np.arange(1, top + 1)
+    top = propensity_top(int(rp["position"].max()) if len(rp) else None, params)
     pos = np.minimum(rp["position"].to_numpy(dtype=np.int64), top)
-    n_at = np.bincount(pos, minlength=top + 1)[1:].astype(float)
+    # first-appearance order (sort=False), as the harvest's pair ids always were: same sums, same bits
+    counts = (rp.assign(pos=pos).groupby(["query", "product_id", "pos"], sort=False)["clicked"]
+              .agg(n="size", c="sum").reset_index())
+    return propensities_from_counts(counts, top, params)
+
+
+def propensity_top(max_position_seen: int | None, params: LabelParams) -> int:
+    """P, the number of positions with a propensity: the largest position seen (None: none seen),
+    capped at ``max_position``, at least 1."""
+    seen = int(max_position_seen) if max_position_seen is not None else 1
+    return int(min(max(seen, 1), params.max_position))
+
+
+def propensities_from_counts(counts: pd.DataFrame, top: int,
+                             params: LabelParams = LabelParams()) -> tuple[pd.Series, str, float]:
+    """:func:`estimate_propensities` from a count table, for engines that aggregate elsewhere
+    (Spark, DuckDB) and hand over only this small table.
+
+    ``counts``: one row per (``query``, ``product_id``, ``pos``) with ``n`` requests that showed
+    the product at ``pos`` and ``c`` of them clicked, ``pos`` already capped at ``top``
+    (:func:`propensity_top`).  ``query`` / ``product_id`` are only read by the ``harvest``
+    method: for ``ctr_ratio`` and ``power`` one row per ``pos`` is enough.  Returns
+    (propensity by position 1..top, method actually used, eta_hat).
+    """
+    positions = np.arange(1, top + 1)
+    by_pos = counts.groupby("pos")[["n", "c"]].sum().reindex(positions, fill_value=0)
+    n_at = by_pos["n"].to_numpy(dtype=float)
     method = params.propensity_method
     raw: np.ndarray | None = None
     if method == "harvest":
-        raw = _harvest(rp.assign(position=pos), top, params)
+        if top >= 2 and len(counts):
+            t = counts.assign(pair=counts.groupby(["query", "product_id"], sort=False).ngroup())
+            raw = harvest_counts(t[["pair", "pos", "n", "c"]], top, params)
         if raw is None:
             log.warning("labels: no position pair has %d+ clicks on both sides for intervention harvesting; "
                         "using the power law with eta=%.2f", params.min_harvest_clicks, params.eta)
             method = "power"
     elif method == "ctr_ratio":
-        c_at = np.bincount(pos, weights=rp["clicked"].to_numpy(dtype=float), minlength=top + 1)[1:]
+        c_at = by_pos["c"].to_numpy(dtype=float)
         if n_at[0] > 0 and c_at[0] > 0:
             raw = np.where(n_at > 0, c_at / np.maximum(n_at, 1) / (c_at[0] / n_at[0]), np.nan)
         else:
@@ -358,21 +392,11 @@ def estimate_propensities(rp: pd.DataFrame, params: LabelParams = LabelParams())
     return pd.Series(p, index=pd.Index(positions, name="position"), name="propensity"), method, eta_hat
 
 
-def _harvest(rp: pd.DataFrame, top: int, params: LabelParams) -> np.ndarray | None:
-    """log p(k) by weighted least squares over position pairs (see module docstring), NaN where
-    no edge reaches; None when position 1 has no usable edge."""
-    if top < 2 or not len(rp):
-        return None
-    pair_id = rp.groupby(["query", "product_id"], sort=False).ngroup().to_numpy()
-    t = (pd.DataFrame({"pair": pair_id, "pos": rp["position"].to_numpy(), "c": rp["clicked"].to_numpy(dtype=float)})
-         .groupby(["pair", "pos"], sort=False)["c"].agg(["size", "sum"]).reset_index()
-         .rename(columns={"size": "n", "sum": "c"}))
-    return harvest_counts(t, top, params)
-
-
 def harvest_counts(t: pd.DataFrame, top: int, params: LabelParams) -> np.ndarray | None:
-    """:func:`_harvest` from its count table: one row per (``pair``, ``pos``) with ``n``
-    impressions and ``c`` clicks (what an engine that aggregates elsewhere hands over)."""
+    """Intervention harvesting: p(k) relative to p(1) by weighted least squares of log p over
+    position pairs (see module docstring), NaN where no edge reaches; None when position 1 has
+    no usable edge.  ``t``: one row per (``pair``, ``pos``) with ``n`` impressions and ``c``
+    clicks, ``pair`` an integer id of the (query, product)."""
     if top < 2 or not len(t):
         return None
     multi = t.groupby("pair")["pos"].transform("size") > 1  # only products seen at 2+ positions help
@@ -469,13 +493,25 @@ def _aggregate(rp: pd.DataFrame, prop: pd.Series, params: LabelParams, stats: di
                 purchases=("purchased", "sum"), ipw_clicks=("ipw_clicks", "sum"), ipw_carts=("ipw_carts", "sum"),
                 ipw_purchases=("ipw_purchases", "sum"), mean_position=("position", "mean"))
            .reset_index())
+    return finish_pairs(agg, params, stats)
+
+
+def finish_pairs(agg: pd.DataFrame, params: LabelParams, stats: dict[str, Any]) -> pd.DataFrame:
+    """Step 6's end, 7, 8 and 9 on the (query, product) aggregate (one row per pair, sorted by
+    query and product, with ``impressions``, ``clicks``, ``carts``, ``purchases``, the ``ipw_*``
+    sums and ``mean_position``; from pandas or another engine): drop pairs under
+    ``min_impressions``, grade, weigh, ``PAIR_COLUMNS`` with their dtypes; the pair stats."""
     stats["pairs_seen"] = int(len(agg))
     keep = agg["impressions"] >= params.min_impressions
     stats["pairs_dropped_min_impressions"] = int((~keep).sum())
     agg = grade_pairs(agg[keep].reset_index(drop=True), params)
+    # every dtype stated: pandas' group-by sizes of string columns are nullable Int64, which made
+    # utility and weight nullable Float64 (and the dtypes depend on the engine and pandas version)
     agg = agg[PAIR_COLUMNS].astype({"query": "string", "product_id": "string", "source": "string",
                                     "impressions": "int64", "clicks": "int64", "carts": "int64",
-                                    "purchases": "int64", "grade": "int64"})
+                                    "purchases": "int64", "grade": "int64", "ipw_clicks": "float64",
+                                    "ipw_carts": "float64", "ipw_purchases": "float64", "mean_position": "float64",
+                                    "utility": "float64", "weight": "float64"})
     stats["pairs_out"] = int(len(agg))
     stats["grade_histogram"] = {g: int((agg["grade"] == g).sum()) for g in range(GRADE_MAX + 1)}
     stats["queries_out"] = int(agg["query"].nunique())
@@ -656,6 +692,7 @@ def holdout_split(rows: pd.DataFrame, fraction: float, seed: int = 0,
 
 __all__ = [
     "DUPLICATE_KEY", "LabelParams", "LabelResult", "PAIR_COLUMNS", "PROPENSITY_METHODS", "derive_labels",
-    "detect_bots", "estimate_propensities", "grade_of", "holdout_split", "mix_with_replay", "to_judgments",
+    "detect_bots", "estimate_propensities", "finish_pairs", "grade_of", "harvest_counts", "holdout_split",
+    "mix_with_replay", "propensities_from_counts", "propensity_top", "record_propensities", "to_judgments",
     "to_training_rows",
 ]

@@ -17,7 +17,14 @@ pytestmark = pytest.mark.integration
 DAY0 = dt.date(2026, 10, 1)
 
 
-def test_daily_snapshot_shares_no_query_with_golden_val_test_or_holdout(mlflow_server, storage):
+@pytest.mark.parametrize("engine", ["pandas", pytest.param("spark", marks=pytest.mark.slow)])
+def test_daily_snapshot_shares_no_query_with_golden_val_test_or_holdout(mlflow_server, storage, engine, monkeypatch):
+    """On both feedback engines (SHOPRANK_FEEDBACK_ENGINE): Spark validates and derives the labels
+    of the day, with the day staged from the real S3 server."""
+    if engine == "spark":
+        pytest.importorskip("pyspark", reason="the Spark engine needs pyspark (requirements.txt)")
+        monkeypatch.setenv("SHOPRANK_SPARK_MASTER", "local[2]")
+    monkeypatch.setenv("SHOPRANK_FEEDBACK_ENGINE", engine)
     settings = mlflow_server.replaced(bucket=storage.bucket, registered_model=f"leak-{uuid.uuid4().hex[:6]}")
     market = generate_marketplace(n_products=300, n_queries=60, seed=5, start=DAY0)
     market.write_to_storage(storage, DAY0)
@@ -31,11 +38,14 @@ def test_daily_snapshot_shares_no_query_with_golden_val_test_or_holdout(mlflow_s
     day1 = DAY0 + dt.timedelta(days=1)
     simulate_and_write(settings, day1, n_sessions=400, seed=1, ranker="bm25")
     assert validate_partition(storage, "catalog", day1, run_id="day1").success
-    assert validate_partition(storage, "feedback", day1, run_id="day1").success
+    outcome = validate_partition(storage, "feedback", day1, run_id="day1")
+    assert outcome.success and outcome.engine == engine
     served = set(storage.read_partition("validated", "feedback", day1)["query"].str.lower())
     assert served & evaluation_queries, "the simulated day must cover golden val/test queries for this test to bite"
 
-    manifest = prepare_update(settings, storage, day1.isoformat(), policy=UpdatePolicy(min_pairs=1))
+    manifest = prepare_update(settings.replaced(engine__feedback_engine=engine), storage, day1.isoformat(),
+                              policy=UpdatePolicy(min_pairs=1))
+    assert manifest["label_engine"] == engine
     prefix = dataset_prefix(manifest["snapshot"])
     train = storage.read_parquet(prefix + "train.parquet")
     holdout = storage.read_parquet(prefix + "recent_holdout.parquet")
