@@ -152,10 +152,21 @@ def run_update(spec: dict) -> dict:
             drifted = list((outcome.drift or {}).get("drifted_metrics", []))
         out["feedback_rows"] = validated["rows"]
         out["drifted_metrics"] = drifted
+        out["feedback_engine"] = outcome.engine
+        out["validate_timings_s"] = outcome.timings
         with stage("prepare"):
             # a full retrain is prepare_update's full path; the bench reaches it the way the DAG
             # does on a drifted day (choose_mode(drifted=True) -> "full")
             manifest = prepare_update(settings, storage, day, drifted=bool(drifted) or full, variant=variant)
+        out["label_engine"] = manifest.get("label_engine")
+        if spec.get("data_path_only"):  # raw -> validated -> labels -> daily snapshot: issue #19's figure
+            out.update({"mode": manifest["mode"], "rows": manifest["rows"],
+                        "label_pairs": manifest["label_stats"].get("labels.pairs_out"),
+                        "stages_s": stages, "data_path_s": round(sum(stages.values()), 2),
+                        "stage_peak_tree_rss_mb": {k: round(v / MB) for k, v in rss.peaks.items()},
+                        "peak_tree_rss_mb": round(rss.peak / MB), "in_process_s": round(time.perf_counter() - t_start, 2),
+                        "load_end": loadavg()})
+            return out
         with stage("train"):
             steps = train_params(manifest)["max_steps"]
             docs = [validated["data_docs"]] if validated.get("data_docs") else None
@@ -272,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--champion-steps", type=int, default=100)
     parser.add_argument("--ranker", choices=("random", "bm25"), default="random",
                         help="ranker serving the simulated traffic (bm25: ~3x slower to simulate)")
+    parser.add_argument("--engine", choices=("auto", "pandas", "spark"), default=None,
+                        help="SHOPRANK_FEEDBACK_ENGINE of the updates (default: as set, else auto)")
+    parser.add_argument("--data-path-only", action="store_true",
+                        help="stop each update after prepare (raw -> validation -> labels -> daily snapshot); "
+                             "no champion is trained first")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary SHOPRANK_HOME")
     parser.add_argument("--_update", help=argparse.SUPPRESS)
@@ -311,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                  # (0.2x-5x of the previous day) would rightly quarantine a 10x jump
                  "SHOPRANK_VALIDATION_ROW_COUNT_MAX_RATIO": str(max(50, 2 * size_ratio)),
                  "SHOPRANK_VALIDATION_ROW_COUNT_MIN_RATIO": str(min(0.02, 0.5 / size_ratio))}
+    if args.engine:
+        child_env["SHOPRANK_FEEDBACK_ENGINE"] = args.engine
+    if args.data_path_only:
+        args.full = False
     os.environ.update({k: v for k, v in child_env.items() if k.startswith(("SHOPRANK_", "MLFLOW_", "AWS_", "HF_"))})
     stack = Stack(settings)
     stack.up(("s3", "mlflow"), progress=lambda msg: log(f"[stack] {msg}"))
@@ -328,13 +348,20 @@ def main(argv: list[str] | None = None) -> int:
         market.write_to_storage(storage, day0)
         save_marketplace_params(storage, n_products=args.products, n_queries=args.queries, seed=settings.seed,
                                 start=day0.isoformat(), **rates)
-        log(f"marketplace for {day0}: {len(market.catalog)} products, {len(market.queries)} queries; "
-            f"training the champion ({args.champion_steps} steps) ...")
-        t = time.perf_counter()
-        report["champion"] = champion = train_champion(settings, storage, day0.isoformat(), args.champion_steps)
-        champion["wall_s"] = round(time.perf_counter() - t, 1)
-        log(f"champion v{champion['version']}: NDCG@10 {champion['ndcg_at_10']:.4f} "
-            f"(BM25 {champion['bm25_ndcg_at_10']:.4f}) in {champion['wall_s']}s")
+        if args.data_path_only:  # the golden snapshot only: prepare_update needs its val/test queries
+            from shoprank.workflow import make_snapshot, validate_latest
+
+            for ds in ("catalog", "judgments", "queries"):
+                validate_latest(storage, ds, run_id="bench__golden", on_or_before=day0.isoformat())
+            report["golden"] = make_snapshot(storage, on_or_before=day0.isoformat(), seed=settings.seed)["snapshot"]
+        else:
+            log(f"marketplace for {day0}: {len(market.catalog)} products, {len(market.queries)} queries; "
+                f"training the champion ({args.champion_steps} steps) ...")
+            t = time.perf_counter()
+            report["champion"] = champion = train_champion(settings, storage, day0.isoformat(), args.champion_steps)
+            champion["wall_s"] = round(time.perf_counter() - t, 1)
+            log(f"champion v{champion['version']}: NDCG@10 {champion['ndcg_at_10']:.4f} "
+                f"(BM25 {champion['bm25_ndcg_at_10']:.4f}) in {champion['wall_s']}s")
 
         days = []
         for i, n in enumerate(args.events, start=1):
@@ -356,12 +383,18 @@ def main(argv: list[str] | None = None) -> int:
         # every warm update first (the headline figures), then the full retrains
         for mode, (n, day, sim) in [(m, d) for m in (("warm", "full") if args.full else ("warm",)) for d in days]:
             log(f"== daily update {day} ({sim['events']:,} events), {mode}")
-            result = spawn_update(child_env, {"day": day, "mode": mode}, workdir)
+            result = spawn_update(child_env, {"day": day, "mode": mode, "data_path_only": args.data_path_only},
+                                  workdir)
             result.update({"target_events": n, "events": sim["events"], "by_type": sim["by_type"],
                            "simulate_and_upload_s": sim["simulate_and_upload_s"]})
             report["runs"].append(result)
             if args.json:  # partial figures survive an interrupted long run
                 Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+            if args.data_path_only:
+                log(f"   raw -> snapshot: {result['data_path_s']}s in process ({result['end_to_end_s']}s with "
+                    f"imports), peak tree RSS {result['peak_tree_rss_mb']} MB, validation on "
+                    f"{result['feedback_engine']}, labels on {result['label_engine']}; stages {result['stages_s']}")
+                continue
             log(f"   {mode}: {result['end_to_end_s']}s end to end, peak tree RSS "
                 f"{result['peak_tree_rss_mb']} MB, NDCG@10 {result['ndcg_at_10']:.4f} "
                 f"(champion {result['champion_ndcg_at_10']:.4f}); stages {result['stages_s']}")
@@ -393,6 +426,18 @@ def compare(runs: list[dict]) -> list[dict]:
 
 
 def table(report: dict) -> str:
+    if report["runs"] and "data_path_s" in report["runs"][0]:
+        names = ["validate_catalog", "validate_feedback", "prepare"]
+        lines = ["", "| events | engine (validation / labels) | " + " | ".join(names)
+                 + " | raw -> snapshot | peak RSS (tree), per stage | load 1-min (start -> end) |",
+                 "|---" * (len(names) + 5) + "|"]
+        for r in report["runs"]:
+            cells = [f"{r['stages_s'].get(n, 0):.1f} s" for n in names]
+            peaks = ", ".join(f"{r['stage_peak_tree_rss_mb'].get(n, 0)}" for n in names)
+            lines.append(f"| {r['events']:,} | {r['feedback_engine']} / {r['label_engine']} | " + " | ".join(cells)
+                         + f" | {r['data_path_s']:.0f} s | {r['peak_tree_rss_mb']} MiB ({peaks}) | "
+                         f"{r['load_start'][0]} -> {r['load_end'][0]} |")
+        return "\n".join(lines)
     names = ["validate_catalog", "validate_feedback", "prepare", "train", "evaluate", "register", "gate"]
     lines = ["", "| events | mode | " + " | ".join(names) + " | end to end | peak RSS (tree) | NDCG@10 |",
              "|---" * (len(names) + 5) + "|"]

@@ -266,9 +266,6 @@ def run_pandas(paths: dict[str, Path], out: Path, stage: Callable) -> dict:
 
 
 # -- Spark ------------------------------------------------------------------------------------------
-SPARK_TYPES = {"str": "StringType", "Timestamp": "TimestampType", "int64": "LongType", "float64": "DoubleType"}
-
-
 def spark_session(driver_memory: str | None, local_dir: Path):
     from pyspark.sql import SparkSession
 
@@ -284,78 +281,24 @@ def spark_session(driver_memory: str | None, local_dir: Path):
     return b.getOrCreate()
 
 
-def spark_derived(spark, df, catalog_path: str, options):
-    """The ``derived_*`` columns of ``add_derived_columns(df, 'feedback', ...)`` with Spark ops."""
-    from pyspark.sql import functions as F
+def spark_derived(spark, paths: dict[str, Path], options):
+    """The raw day with ``derived_row_id`` and the ``derived_*`` columns, as the product computes
+    them (``shoprank.validation.spark_engine``)."""
+    import pandas as pd
 
-    from shoprank.validation import suites as S
+    from shoprank.validation import spark_engine as SE
 
-    df = df.withColumn("_row", F.monotonically_increasing_id())
-    et, sess = F.col("event_type"), F.col("session_id")
-    per_session = (df.where(sess.isNotNull()).groupBy("session_id")
-                   .agg(F.sum((et == "click").cast("long")).alias(S.SESSION_CLICKS),
-                        F.sum((et == "impression").cast("long")).alias(S.SESSION_IMPRESSIONS),
-                        F.min("_row").alias("_first_row")))
-    known = spark.read.parquet(catalog_path).select("product_id").distinct().withColumn("_known", F.lit(True))
-    d = df.join(per_session, "session_id", "left").join(F.broadcast(known), "product_id", "left")
-    clicks = F.coalesce(F.col(S.SESSION_CLICKS), F.lit(0))
-    imps = F.coalesce(F.col(S.SESSION_IMPRESSIONS), F.lit(0))
-    rate = clicks / F.greatest(imps, F.lit(1))
-    implausible = (clicks > imps) | ((imps >= options.bot_min_impressions) & (rate > options.max_session_click_rate))
-    string = "string"
-    d = (d.withColumn(S.SESSION_CLICKS, clicks).withColumn(S.SESSION_IMPRESSIONS, imps)
-         .withColumn(S.BOT_SESSION, F.when(implausible & sess.isNotNull(), sess).cast(string))
-         .withColumn(S.FIRST_EVENT_OF_SESSION, F.coalesce(F.col("_row") == F.col("_first_row"), F.lit(False)))
-         .withColumn(S.UNKNOWN_PRODUCT, F.when(F.col("_known").isNull() & F.col("product_id").isNotNull(),
-                                                F.col("product_id")).cast(string))
-         # suites._is_blank: nothing left once whitespace and format (Cf) characters are removed
-         .withColumn(S.BLANK_QUERY, F.when(F.regexp_replace("query", r"(?U)[\s\p{Cf}\x1c-\x1f]", "") == "",
-                                           F.col("query")).cast(string)))
-    if "arm" in df.columns:
-        d = d.withColumn(S.UNKNOWN_ARM, F.when(F.col("arm").isNotNull() & ~F.col("arm").isin(*S.FEEDBACK_ARMS),
-                                               F.col("arm")).cast(string))
-    else:
-        d = d.withColumn(S.UNKNOWN_ARM, F.lit(None).cast(string))
-    # look-alike event ids: only non-ASCII ids need NFKC (suites.lookalike_keys); they are collected
-    # (few by nature), grouped in Python, and flagged by value
-    odd = [r[0] for r in df.where(F.col("event_id").rlike(r"[^\x00-\x7F]")).select("event_id").distinct().collect()]
-    flagged: list[str] = []
-    if odd:
-        groups: dict[str, set[str]] = {}
-        for u in odd:
-            groups.setdefault(S._nfkc_visible(u), set()).add(u)
-        for r in df.where(F.col("event_id").isin(list(groups))).select("event_id").distinct().collect():
-            groups[r[0]].add(r[0])
-        flagged = [u for members in groups.values() if len(members) > 1 for u in members]
-    d = d.withColumn(S.LOOKALIKE_KEY, (F.when(F.col("event_id").isin(flagged), F.col("event_id")) if flagged
-                                       else F.lit(None)).cast(string))
-    return d.drop("_known", "_first_row", "_row"), {"non_ascii_event_ids": len(odd)}
+    files = sorted(str(p) for p in paths["feedback"].glob("*.parquet"))
+    raw = SE.read_day(spark, "feedback", files, files)
+    ids = pd.Index(pd.read_parquet(paths["catalog"], columns=["product_id"])["product_id"])
+    return raw, SE.derived_columns(spark, raw, options, ids)
 
 
-def spark_expectations(options) -> tuple[list, list[str]]:
-    """The project's feedback expectations with GX type names mapped to Spark's (everything else as is)."""
-    import great_expectations.expectations as gxe
+def spark_expectations(options) -> list:
+    """The project's feedback expectations with Spark's type names (``spark_engine.spark_suite``)."""
+    from shoprank.validation.spark_engine import spark_suite
 
-    from shoprank.validation.suites import feedback_suite_expectations
-
-    out, mapped = [], []
-    for e in feedback_suite_expectations(options):
-        if type(e).__name__ == "ExpectColumnValuesToBeOfType":
-            e = gxe.ExpectColumnValuesToBeOfType(column=e.column, type_=SPARK_TYPES[e.type_], meta=e.meta,
-                                                 notes=e.notes)
-            mapped.append(e.meta["check"])
-        out.append(e)
-    return out, mapped
-
-
-def spark_suite(options):
-    import great_expectations as gx
-
-    suite = gx.ExpectationSuite(name="feedback-spark")
-    expectations, mapped = spark_expectations(options)
-    for e in expectations:
-        suite.add_expectation(e)
-    return suite, mapped
+    return list(spark_suite("feedback", options).expectations)
 
 
 def run_spark(paths: dict[str, Path], out: Path, stage: Callable, driver_memory: str | None,
@@ -365,7 +308,7 @@ def run_spark(paths: dict[str, Path], out: Path, stage: Callable, driver_memory:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from shoprank.labels import LabelParams
+    from shoprank.labels import LabelParams, propensities_from_counts
     from shoprank.validation import ValidationOptions
     from shoprank.validation.runner import RESULT_FORMAT, _quiet
     from shoprank.validation.suites import suite_parameters
@@ -379,14 +322,13 @@ def run_spark(paths: dict[str, Path], out: Path, stage: Callable, driver_memory:
     # 1. validate ------------------------------------------------------------------------------
     stage("validate.prepare")
     options = ValidationOptions(now=NOW, build_docs=False)
-    raw = spark.read.parquet(str(paths["feedback"]))
-    derived, info = spark_derived(spark, raw, str(paths["catalog"]), options)
-    res.update(info)
+    raw, derived = spark_derived(spark, paths, options)
     ctx = _quiet(gx.get_context(mode="ephemeral"))
     asset = ctx.data_sources.add_spark("spark").add_dataframe_asset("feedback")
     batch_def = asset.add_batch_definition_whole_dataframe("whole_day")
-    suite, mapped = spark_suite(options)
-    suite = ctx.suites.add(suite)
+    from shoprank.validation.spark_engine import spark_suite
+
+    suite = ctx.suites.add(spark_suite("feedback", options, name="feedback-spark"))
     vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="feedback-spark", data=batch_def, suite=suite))
     params = suite_parameters("feedback", DAY, options, None, now=NOW)
     if per_check:
@@ -397,7 +339,6 @@ def run_spark(paths: dict[str, Path], out: Path, stage: Callable, driver_memory:
     res["result_format"] = result_format or RESULT_FORMAT
     res["success"] = bool(result.success)
     res["checks"], res["observed"] = _fmt_checks(result)
-    res["type_checks_mapped"] = mapped
     stage("validate.write")
     raw.write.mode("overwrite").parquet(str(out / "validated"))
     spark.catalog.clearCache()
@@ -455,7 +396,8 @@ def run_spark(paths: dict[str, Path], out: Path, stage: Callable, driver_memory:
     counts = (rp.withColumn("pos", F.least(F.col("position"), F.lit(top)))
               .groupBy("query", "product_id", "pos").agg(F.count("*").alias("n"), F.sum("clicked").alias("c"))
               .toPandas())
-    prop, method = harvest_from_counts(counts, top, p)
+    prop, method, _eta_hat = propensities_from_counts(counts, top, p)  # labels' own finish
+    prop = prop.tolist()
     inv = spark.createDataFrame([(k + 1, float(1.0 / v)) for k, v in enumerate(prop)], ["pos", "inv"])
     agg = (rp.withColumn("pos", F.least(F.col("position"), F.lit(top))).join(F.broadcast(inv), "pos")
            .groupBy("query", "product_id")
@@ -485,7 +427,7 @@ def spark_per_check(ctx, batch_def, derived, params, options, stage: Callable, r
     res["rows"] = derived.count()
     stage("validate.per_check")
     res["per_check_s"] = {}
-    for i, e in enumerate(spark_expectations(options)[0]):
+    for i, e in enumerate(spark_expectations(options)):
         one = ctx.suites.add(gx.ExpectationSuite(name=f"one-{i}"))
         one.add_expectation(e)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"one-{i}", data=batch_def, suite=one))
@@ -510,37 +452,12 @@ def finish_labels(agg, p, counts: dict, method: str, prop, out: Path, stage: Cal
     return _label_summary(pairs, stats)
 
 
-def harvest_from_counts(t, top: int, p) -> tuple[list[float], str]:
-    """labels.estimate_propensities (method 'harvest') from the (query, product, pos) -> n, c table.
-
-    ``labels.harvest_counts`` (what ``labels._harvest`` runs after its first group-by), then the
-    same power-law fill, isotonic regression, scaling and clipping."""
-    import numpy as np
-
-    from shoprank.labels import _fill_power_law as fill
-    from shoprank.labels import _isotonic_decreasing as isotonic
-
-    positions = np.arange(1, top + 1)
-    n_at = t.groupby("pos")["n"].sum().reindex(positions, fill_value=0).to_numpy(dtype=float)
-    from shoprank.labels import harvest_counts
-
-    t = t.assign(pair=t.groupby(["query", "product_id"], sort=False).ngroup())[["pair", "pos", "n", "c"]]
-    raw = harvest_counts(t, top, p)
-    method = "harvest" if raw is not None else "power"
-    if raw is None:
-        raw = positions.astype(float) ** -p.eta
-    raw = fill(raw, positions)
-    prop = isotonic(raw, np.maximum(n_at, 1.0))
-    prop = np.clip(prop / prop[0], p.min_propensity, 1.0)
-    return [float(v) for v in prop], method
-
-
 # -- DuckDB -----------------------------------------------------------------------------------------
 def run_duckdb(paths: dict[str, Path], out: Path, stage: Callable, memory_limit: str | None) -> dict:
     stage("import")
     import duckdb
 
-    from shoprank.labels import LabelParams
+    from shoprank.labels import LabelParams, propensities_from_counts
     from shoprank.validation import ValidationOptions
     from shoprank.validation.suites import FEEDBACK_DUPLICATE_KEY, suite_parameters
 
@@ -656,7 +573,8 @@ def run_duckdb(paths: dict[str, Path], out: Path, stage: Callable, memory_limit:
     top = int(min(max(con.execute("SELECT max(position) FROM rp").fetchone()[0] or 1, 1), p.max_position))
     counts = con.execute(f"""SELECT query, product_id, least(position, {top}) AS pos, count(*) AS n, sum(clicked) AS c
                              FROM rp GROUP BY ALL""").fetchdf()
-    prop, method = harvest_from_counts(counts, top, p)
+    prop, method, _eta_hat = propensities_from_counts(counts, top, p)  # labels' own finish
+    prop = prop.tolist()
     con.execute("CREATE TEMP TABLE inv (pos INTEGER, inv DOUBLE)")
     con.executemany("INSERT INTO inv VALUES (?, ?)", [(k + 1, 1.0 / v) for k, v in enumerate(prop)])
     agg = con.execute(f"""
