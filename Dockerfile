@@ -10,6 +10,13 @@ FROM apache/airflow:3.3.2-python3.11
 # https://download.pytorch.org/whl/cpu = the small CPU-only wheel.
 ARG TORCH_INDEX=
 
+# A Java runtime for Spark (the feedback path at shop scale, docs/scale.md): local mode inside a
+# task, and the `spark` profile's master and worker, which run this same image.
+USER root
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+ && rm -rf /var/lib/apt/lists/*
+
 # The base image installs Python packages as the unprivileged `airflow` user (uid 50000).
 USER airflow
 WORKDIR /opt/airflow

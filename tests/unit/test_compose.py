@@ -33,6 +33,7 @@ EXPECTED_SERVICES = {
     "postgres", "redis", "minio", "minio-init", "mlflow",
     "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
     "airflow-triggerer", "airflow-worker", "airflow-worker-gpu",
+    "spark-master", "spark-worker",  # profile `spark` (docs/scale.md)
 }
 INIT_JOBS = {"minio-init", "airflow-init"}
 AIRFLOW_SERVICES = {s for s in EXPECTED_SERVICES if s.startswith("airflow-")}
@@ -247,7 +248,7 @@ def test_ports(services):
             assert host_port not in published, f"host port {host_port} used twice"
             published[host_port] = (name, int(container_port))
     assert set(published.values()) == {("minio", 9000), ("minio", 9001), ("mlflow", 5000),
-                                       ("airflow-apiserver", 8080)}
+                                       ("airflow-apiserver", 8080), ("spark-master", 8080)}
     # the host-side defaults of .env.example / config.py point at these ports
     assert {"9000", "5000", "8080"} <= set(published)
 
