@@ -289,7 +289,7 @@ def spark_derived(spark, paths: dict[str, Path], options):
     from shoprank.validation import spark_engine as SE
 
     files = sorted(str(p) for p in paths["feedback"].glob("*.parquet"))
-    raw = SE.read_day(spark, "feedback", files, files)
+    raw = SE.read_day(spark, "feedback", files)
     ids = pd.Index(pd.read_parquet(paths["catalog"], columns=["product_id"])["product_id"])
     return raw, SE.derived_columns(spark, raw, options, ids)
 

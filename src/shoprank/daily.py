@@ -287,9 +287,8 @@ def derive_day_labels(settings: Settings, storage: Storage, day: str, params) ->
     from shoprank.storage import partition_prefix
 
     keys = [k for k in storage.partition_files("validated", "feedback", day) if k.endswith(".parquet")]
-    sizes = (storage.sizes(partition_prefix("validated", "feedback", day))
-             if keys and settings.engine.feedback_engine == "auto" else None)
-    engine, why = choose_engine(settings.engine, keys, sizes)
+    engine, why = choose_engine(settings.engine, keys,
+                                lambda: storage.sizes(partition_prefix("validated", "feedback", day)))
     log.info("labels of %s: %s engine (%s)", day, engine, why)
     if engine == "spark":
         return (*_labels_on_spark(settings, storage, keys, params), engine)

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from shoprank.config import EngineSettings, Settings
 
@@ -42,8 +42,10 @@ def spark_available() -> bool:
     return shutil.which("java") is not None or bool(os.environ.get("JAVA_HOME"))
 
 
-def choose_engine(engine: EngineSettings, keys: Sequence[str], sizes: dict[str, int] | None = None) -> tuple[str, str]:
-    """``("pandas" | "spark", why)`` for a day made of ``keys`` (their sizes in bytes when known)."""
+def choose_engine(engine: EngineSettings, keys: Sequence[str],
+                  sizes: Callable[[], dict[str, int]] | None = None) -> tuple[str, str]:
+    """``("pandas" | "spark", why)`` for a day made of ``keys``; ``sizes()`` lists their sizes in
+    bytes, called only when ``auto`` has to weigh an all-Parquet day (one listing, no reads)."""
     mode = engine.feedback_engine
     parquet = bool(keys) and all(k.lower().endswith(".parquet") for k in keys)
     if mode == "pandas":
@@ -53,9 +55,12 @@ def choose_engine(engine: EngineSettings, keys: Sequence[str], sizes: dict[str, 
             return "pandas", ("SHOPRANK_FEEDBACK_ENGINE=spark, but the day is not all Parquet: the pandas reader "
                               "checks CSV / JSON uploads cell by cell")
         return "spark", "SHOPRANK_FEEDBACK_ENGINE=spark"
-    size_mb = sum((sizes or {}).get(k, 0) for k in keys) / MB
-    if not parquet or size_mb < engine.spark_min_mb:
-        return "pandas", f"auto: {size_mb:.1f} MB{'' if parquet else ' (not all Parquet)'} < {engine.spark_min_mb:g} MB"
+    if not parquet:
+        return "pandas", "auto: the day is not all Parquet"
+    known = sizes() if sizes is not None else {}
+    size_mb = sum(known.get(k, 0) for k in keys) / MB
+    if size_mb < engine.spark_min_mb:
+        return "pandas", f"auto: {size_mb:.1f} MB < {engine.spark_min_mb:g} MB"
     if not spark_available():
         log.warning("the day is %.0f MB of Parquet (SHOPRANK_SPARK_MIN_MB=%g) but pyspark or Java is missing: "
                     "validating it in pandas needs about 1.2 GB of memory per million events", size_mb,
@@ -121,10 +126,10 @@ def spark_session(settings: Settings, app: str = "shoprank-feedback", storage=No
 class SparkInput(contextlib.AbstractContextManager):
     """Paths Spark reads for some S3 keys, and a scratch folder, for one task.
 
-    Staged (local masters): each key is streamed to ``<tmp>/in/<name>`` with managed
-    transfers; s3a: the keys become ``s3a://bucket/key``.  The scratch folder (``out``) holds
-    what Spark writes before it is uploaded, and Spark's own spill files; all of it is removed
-    on exit."""
+    Staged (local masters): each key is streamed to ``<tmp>/<group>/<n>-<name>`` with managed
+    transfers; s3a: the keys become ``s3a://bucket/key``.  :meth:`scratch` folders hold what
+    Spark writes before it is uploaded (under ``tmp/spark/`` in the bucket for s3a).  All of it
+    is removed on exit."""
 
     def __init__(self, settings: Settings, storage) -> None:
         self.storage = storage

@@ -326,13 +326,7 @@ class Storage:
             raise _explain(exc, self.settings, f"check {key}") from exc
 
     def list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
-        try:
-            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        except (ClientError, BotoCoreError) as exc:
-            raise _explain(exc, self.settings, f"list {prefix}") from exc
-        return sorted(keys)
+        return sorted(self.sizes(prefix))
 
     def sizes(self, prefix: str) -> dict[str, int]:
         """``{key: bytes}`` of every object under ``prefix`` (one listing, nothing read)."""

@@ -727,7 +727,7 @@ def _validate_listed(storage, dataset: str, day: str, run_id: str, options: Vali
         from shoprank.spark import choose_engine
 
         settings = Settings.from_env()
-        engine, why = choose_engine(settings.engine, listing.data, storage.sizes(raw))
+        engine, why = choose_engine(settings.engine, listing.data, lambda: storage.sizes(raw))
         state["engine"] = engine
         log.info("feedback dt=%s: validating with %s (%s)", day, engine, why)
         if engine == "spark":
@@ -894,7 +894,7 @@ def _validate_spark(storage, settings, dataset: str, day: str, run_id: str, opti
             state["engine"] = "pandas"
             return None
         spark = spark_session(settings, storage=storage)
-        sdf = SE.read_day(spark, dataset, paths, listing.data)
+        sdf = SE.read_day(spark, dataset, paths)
         # 2. run-time inputs -------------------------------------------------------------------------
         state["stage"] = "prepare"
         too_long = [c for c, n in sdf.selectExpr(*[f"max(length(`{c.name}`)) as `{c.name}`" for c in
@@ -924,7 +924,7 @@ def _validate_spark(storage, settings, dataset: str, day: str, run_id: str, opti
         when = _run_id(run_id, dt.datetime.now(dt.timezone.utc))
         try:
             result, docs = _validate_with_docs(storage, dataset, day, run_id, derived, gx_params, options, warnings,
-                                               lambda: SE.run_suite(None, derived, gx_params, options, when),
+                                               lambda: SE.run_suite(derived, gx_params, options, when),
                                                spark=True)
             lap("validate_and_docs" if options.build_docs else "validate")
             gx_result = result.to_json_dict()  # before the example rows are renumbered
@@ -949,7 +949,7 @@ def _validate_spark(storage, settings, dataset: str, day: str, run_id: str, opti
             else:  # s3a: the cluster writes the contract columns in order; the parts stream through here
                 contract = contract_for(dataset)
                 out_dir = inp.scratch("validated")
-                cols = [c for c in contract.names + [c.name for c in contract.optional_columns] if c in sdf.columns]
+                cols = [c for c in contract.all_names if c in sdf.columns]
                 sdf.orderBy(SE.ROW_ID).select(*cols).write.mode("overwrite").parquet(out_dir)
                 parts = (contract.conform(pq_read(p)) for p in inp.written_parts(out_dir))
             storage.write_partition_parts("validated", dataset, day, parts)
@@ -979,7 +979,7 @@ def _drift_spark(storage, spark, inp, dataset: str, day: str, run_id: str, sdf, 
     if ref_day:
         keys = [k for k in storage.partition_files("validated", dataset, ref_day) if k.endswith(".parquet")]
         if keys:
-            reference = feedback_counts_spark(read_day(spark, dataset, inp.paths(keys, "reference"), keys), n)
+            reference = feedback_counts_spark(read_day(spark, dataset, inp.paths(keys, "reference")), n)
     report = compute_drift(feedback_counts_spark(sdf, n), reference, dataset, options, day=day,
                            reference_day=ref_day, run_id=run_id)
     write_drift_report(storage, report)

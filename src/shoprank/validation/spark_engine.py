@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,9 @@ from shoprank.spark import ROW_SHIFT  # a row's id: file number x ROW_SHIFT + ro
 from shoprank.validation import suites as S
 from shoprank.validation.options import ValidationOptions
 from shoprank.validation.reading import RawBatch
+
+if TYPE_CHECKING:
+    from shoprank.validation.drift import FeedbackCounts
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +98,10 @@ def spark_readable(dataset: str, keys: Sequence[str], paths: Sequence[str]) -> R
         kinds = {f.name: _arrow_kind(f.type) for f in schema}
         for name, dtype in want.items():
             if name not in kinds:
-                if name in {c.name for c in contract.columns}:
+                if name in contract.names:
                     return Readable(False, f"{short} has no column {name!r}")
                 continue
-            if kinds[name] not in (dtype, "null") and not (dtype == "string" and kinds[name] == "null"):
+            if kinds[name] not in (dtype, "null"):  # an all-null column reads as any type
                 return Readable(False, f"{short}: column {name!r} is stored as {kinds[name]}, not {dtype}")
         contract_kinds = {k: v for k, v in kinds.items() if k in want}
         if first is None:
@@ -122,28 +125,17 @@ def contract_parts(dataset: str, paths: Sequence[str], rows_per_part: int = 500_
     contract = CONTRACTS[dataset]
     for path in paths:
         f = pq.ParquetFile(path)
-        cols = [c for c in contract.names + [c.name for c in contract.optional_columns] if c in f.schema_arrow.names]
+        cols = [c for c in contract.all_names if c in f.schema_arrow.names]
         for batch in f.iter_batches(batch_size=rows_per_part, columns=cols):
             yield contract.conform(batch.to_pandas())
 
 
 def spark_suite(dataset: str, options: ValidationOptions, name: str | None = None):
     """``suites.build_suite`` with the type names Spark reports."""
-    import great_expectations.expectations as gxe
-
-    suite = S.build_suite(dataset, options, name=name)
-    for e in list(suite.expectations):
-        if type(e).__name__ == "ExpectColumnValuesToBeOfType" and e.type_ in SPARK_TYPES:
-            suite.delete_expectation(e)
-            suite.add_expectation(gxe.ExpectColumnValuesToBeOfType(
-                column=e.column, type_=SPARK_TYPES[e.type_], meta=e.meta, notes=e.notes))
-    # keep the suite's order (messages follow it)
-    order = {n: i for i, n in enumerate(S.check_names(dataset, options))}
-    suite.expectations.sort(key=lambda x: order.get((x.meta or {}).get("check"), 999))
-    return suite
+    return S.build_suite(dataset, options, name=name, type_names=SPARK_TYPES)
 
 
-def read_day(spark, dataset: str, paths: Sequence[str], names: Sequence[str]):
+def read_day(spark, dataset: str, paths: Sequence[str]):
     """The staged files as one DataFrame, contract columns cast, with ``derived_row_id``."""
     from pyspark.sql import functions as F
 
@@ -271,13 +263,13 @@ def example_batch(derived, result, keys: Sequence[str], file_rows: dict[str, int
     return batch.df, batch
 
 
-def run_suite(ctx_or_none, derived, params: dict[str, Any], options: ValidationOptions, run_id):
+def run_suite(derived, params: dict[str, Any], options: ValidationOptions, run_id):
     """The suite on an ephemeral context (no Data Docs)."""
     import great_expectations as gx
 
     from shoprank.validation.runner import _quiet
 
-    ctx = ctx_or_none or _quiet(gx.get_context(mode="ephemeral"))
+    ctx = _quiet(gx.get_context(mode="ephemeral"))
     vd = add_spark_definition(ctx, "feedback", options, "feedback", "feedback")
     return vd.run(batch_parameters={"dataframe": derived}, expectation_parameters=params,
                   result_format=SPARK_RESULT_FORMAT, run_id=run_id)
@@ -298,7 +290,7 @@ def add_spark_definition(ctx, dataset: str, options: ValidationOptions, suite_na
     return ctx.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch_def, suite=suite))
 
 
-def feedback_counts_spark(df, positions: int) -> dict[str, Any]:
+def feedback_counts_spark(df, positions: int) -> "FeedbackCounts":
     """What feedback drift compares (:func:`shoprank.validation.drift.feedback_counts`), on Spark."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F

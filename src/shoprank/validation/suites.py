@@ -280,8 +280,10 @@ def contract_for(dataset: str) -> Contract:
     return CONTRACTS[dataset]
 
 
-def build_suite(dataset: str, options: ValidationOptions | None = None, name: str | None = None):
-    """The GX ``ExpectationSuite`` for ``dataset`` (not yet added to any context)."""
+def build_suite(dataset: str, options: ValidationOptions | None = None, name: str | None = None,
+                type_names: dict[str, str] | None = None):
+    """The GX ``ExpectationSuite`` for ``dataset`` (not yet added to any context).  ``type_names``
+    maps the pandas type names of the ``*_type`` checks (``GX_TYPES``) to another engine's."""
     contract_for(dataset)
     gx, _ = _gx()
     options = options or ValidationOptions()
@@ -290,6 +292,9 @@ def build_suite(dataset: str, options: ValidationOptions | None = None, name: st
         meta={"shoprank": {"dataset": dataset, "contract": CONTRACTS[dataset].doc, "options": options.public_dict()}},
     )
     for expectation in SUITES[dataset](options):
+        if type_names and type(expectation).__name__ == "ExpectColumnValuesToBeOfType":
+            expectation = type(expectation)(column=expectation.column, type_=type_names[expectation.type_],
+                                            meta=expectation.meta, notes=expectation.notes)
         suite.add_expectation(expectation)
     return suite
 
