@@ -75,9 +75,21 @@ def _requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in MODEL_REQUIREMENTS]
 
 
+def load_pyfunc(model_uri: str):
+    """``mlflow.pyfunc.load_model`` into a temporary folder that is removed once it has loaded.
+
+    :class:`CrossEncoderPyfunc` reads the weights, tokenizer and fusion into memory when it
+    loads, so the downloaded copy is not needed afterwards; left to MLflow, every load would
+    leave ~90 MB in the worker's temp folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="shoprank-model-") as tmp:
+        return mlflow.pyfunc.load_model(model_uri, dst_path=tmp)
+
+
 def load_scorer(model_uri: str):
     """(score_fn, ms_per_pair probe): load a packaged model and time it on a small batch."""
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = load_pyfunc(model_uri)
 
     def score(df: pd.DataFrame) -> np.ndarray:
         return np.asarray(model.predict(df[["query", "text"]]), dtype=np.float64)

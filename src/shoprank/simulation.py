@@ -46,6 +46,7 @@ def champion_rank_fn(settings: Settings):
     """(rank_fn, model_version) scoring candidates with the registered champion."""
     import mlflow
 
+    from shoprank.mlflow_model import load_pyfunc
     from shoprank.registry import Registry
 
     registry = Registry(settings)
@@ -53,7 +54,7 @@ def champion_rank_fn(settings: Settings):
     if champion is None:
         raise RuntimeError("no champion to serve: train and approve a model first")
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{registry.name}/{champion.version}")
+    model = load_pyfunc(f"models:/{registry.name}/{champion.version}")
 
     def rank(query: str, candidates: pd.DataFrame) -> np.ndarray:
         texts = product_text(candidates, settings.product_text_template).values

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from shoprank.mlflow_model import log_cross_encoder, package_dir
+from shoprank.mlflow_model import load_pyfunc, log_cross_encoder, package_dir
 
 ROWS = pd.DataFrame({"query": ["red shoes", "red shoes", "coffee mug"],
                      "text": ["red running shoes | acme", "ceramic mug", "coffee mug | kitchen"]})
@@ -99,3 +99,18 @@ def test_the_model_loads_and_scores_with_only_the_shipped_code(logged_model, tmp
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(result["shoprank"]).resolve().is_relative_to((logged_model / "code").resolve()), result
     np.testing.assert_allclose(result["scores"], in_process, rtol=1e-5, atol=1e-5)
+
+
+def test_load_pyfunc_scores_from_memory_and_leaves_no_copy_behind(logged_model, tmp_path, monkeypatch):
+    """Fault: every model load (gate, champion scoring) leaves its downloaded copy (~90 MB for
+    MiniLM) in the worker's temp folder, until the disk fills.  Expected: load_pyfunc's model
+    scores like a plain load after its temporary copy is gone, and the temp folder is empty."""
+    import tempfile
+
+    expected = np.asarray(mlflow.pyfunc.load_model(str(logged_model)).predict(ROWS), dtype=np.float64)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    model = load_pyfunc(str(logged_model))
+    assert list(temp.iterdir()) == []
+    np.testing.assert_allclose(np.asarray(model.predict(ROWS), dtype=np.float64), expected, rtol=1e-6)

@@ -292,19 +292,32 @@ def _logged_report(settings: Settings, run_id: str, work: Path) -> dict | None:
 def export(settings: Settings, storage: Storage, version: str | int = "champion", *, force: bool = False,
            tolerance: float | None = None, max_queries: int | None = None, workdir: str | None = None,
            progress: Progress = print) -> dict:
-    """Export a registered version (number or alias) and log the result to its MLflow run."""
-    from shoprank.datasets import load_split
-    from shoprank.mlflow_model import download_weights
+    """Export a registered version (number or alias) and log the result to its MLflow run.
+
+    Works in ``workdir`` (kept) or a temporary folder (removed afterwards)."""
     from shoprank.registry import Registry
 
     registry = Registry(settings, storage)
     number = registry.resolve(str(version))
     mv = registry.version(number)
-    tags = dict(mv.tags)
     if not mv.run_id:
         raise ExportError(f"version {number} of {registry.name!r} has no MLflow run to log the export to")
     work = Path(workdir or tempfile.mkdtemp(prefix=f"shoprank-export-v{number}-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _export_version(settings, storage, registry, number, mv, work, force=force, tolerance=tolerance,
+                               max_queries=max_queries, progress=progress)
+    finally:  # the weights and ONNX files are in MLflow now (or refused): ~200 MB off the worker
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _export_version(settings: Settings, storage: Storage, registry, number: int, mv, work: Path, *, force: bool,
+                    tolerance: float | None, max_queries: int | None, progress: Progress) -> dict:
+    from shoprank.datasets import load_split
+    from shoprank.mlflow_model import download_weights
+
+    tags = dict(mv.tags)
     if not force and tags.get("export.status"):
         report = _logged_report(settings, mv.run_id, work / "logged")
         if report is not None:
