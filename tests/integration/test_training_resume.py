@@ -98,6 +98,9 @@ def test_killed_training_resumes_mid_epoch_from_s3(storage, tmp_path):
     assert (Path(result["model_dir"]) / "model.safetensors").exists()
     keys = storage.list_keys(checkpoint_prefix(run_key))
     assert {checkpoint_prefix(run_key) + n for n in ("last.ckpt", "best.ckpt", "result.json")} <= set(keys)
+    storage.download_file(checkpoint_prefix(run_key) + "best.ckpt", str(tmp_path / "s3-best.ckpt"))
+    best = torch.load(tmp_path / "s3-best.ckpt", map_location="cpu", weights_only=True)
+    assert "state_dict" in best and "optimizer_states" not in best  # the export needs weights only
 
     # 3. a retry after success re-exports instead of retraining
     (tmp_path / "result.json").unlink()
