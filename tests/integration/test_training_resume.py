@@ -97,7 +97,8 @@ def test_killed_training_resumes_mid_epoch_from_s3(storage, tmp_path):
     assert len(result["val_history"]) >= EPOCHS - step // BATCHES_PER_EPOCH
     assert (Path(result["model_dir"]) / "model.safetensors").exists()
     keys = storage.list_keys(checkpoint_prefix(run_key))
-    assert {checkpoint_prefix(run_key) + n for n in ("last.ckpt", "best.ckpt", "result.json")} <= set(keys)
+    # complete: best.ckpt (what a re-export reads) and result.json stay; last.ckpt is gone
+    assert sorted(keys) == [checkpoint_prefix(run_key) + n for n in ("best.ckpt", "result.json")]
     storage.download_file(checkpoint_prefix(run_key) + "best.ckpt", str(tmp_path / "s3-best.ckpt"))
     best = torch.load(tmp_path / "s3-best.ckpt", map_location="cpu", weights_only=True)
     assert "state_dict" in best and "optimizer_states" not in best  # the export needs weights only
@@ -204,7 +205,7 @@ def test_two_process_ddp_logs_and_checkpoints_once(storage, mlflow_server, tmp_p
     assert result["world_size"] == 2 and result["global_step"] == 2 * 8  # 64 pairs / 2 ranks / batch 4
 
     prefix = checkpoint_prefix(run_key)
-    assert sorted(storage.list_keys(prefix)) == [prefix + n for n in ("best.ckpt", "last.ckpt", "result.json")]
+    assert sorted(storage.list_keys(prefix)) == [prefix + n for n in ("best.ckpt", "result.json")]
     history = client.get_metric_history(run.info.run_id, "val_ndcg_at_10")
     assert len(history) == len(result["val_history"]) == 2  # not once per rank
     losses = client.get_metric_history(run.info.run_id, "train_loss_step")

@@ -79,6 +79,9 @@ class TrainConfig:
     run_key: str | None = None  # S3 checkpoints go to checkpoints/<run_key>/; needed for resume
     s3_checkpoints: bool = True  # mirror last.ckpt/best.ckpt to S3 (needs run_key)
     resume: bool = True  # continue from checkpoints/<run_key>/last.ckpt when it exists
+    # a finished run re-exports from best.ckpt, never resumes: its last.ckpt (weights + optimizer
+    # state, ~270 MB for MiniLM) is deleted from S3 unless kept here (or there is no best.ckpt)
+    keep_last_checkpoint: bool = False
     checkpoint_dir: str | None = None  # local dir; default <tmp>/shoprank/checkpoints/<run_key>
     # data
     snapshot: str | None = None

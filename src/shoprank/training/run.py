@@ -592,8 +592,12 @@ def train(
     timings["total_s"] = time.perf_counter() - t_start
     if s3_storage is not None and status == "ok":
         # marks the run complete: a retry with the same run_key re-exports instead of retraining
-        s3_storage.put_bytes(checkpoint_prefix(config.run_key or "") + RESULT_OBJECT,
-                             json.dumps(result.to_dict(), default=str).encode(), "application/json")
+        prefix = checkpoint_prefix(config.run_key or "")
+        s3_storage.put_bytes(prefix + RESULT_OBJECT, json.dumps(result.to_dict(), default=str).encode(),
+                             "application/json")
+        if not config.keep_last_checkpoint and s3_storage.exists(prefix + "best.ckpt"):
+            s3_storage.delete_prefix(prefix + "last.ckpt")  # a retry re-exports from best.ckpt
+            log.info("run complete: removed %s (keep_last_checkpoint=false)", s3_storage.uri(prefix + "last.ckpt"))
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # S3 holds the copies
     elif (ckpt_dir / "resume").exists():
         shutil.rmtree(ckpt_dir / "resume", ignore_errors=True)
