@@ -119,6 +119,19 @@ def test_spark_and_pandas_agree_on_clean_and_dirty_days(two_buckets, monkeypatch
     assert report["gx_validation_result"]["success"] is False
     assert s_st.exists(s_dirty.outcome.docs_page_key)
     assert D2 not in s_st.list_partitions("validated", "feedback")
+    # GX ran counts first and the failed checks again with examples: every check's outcome and count
+    # are pandas', and the failures' example values reach the report and the Data Docs page
+    p_report = json.loads(p_st.get_bytes(p_dirty.outcome.quarantine_prefix + "_validation_report.json"))
+
+    def by_check(rep: dict) -> dict:
+        return {r["expectation_config"]["meta"]["check"]: (r["success"], (r["result"] or {}).get("unexpected_count"))
+                for r in rep["gx_validation_result"]["results"]}
+
+    assert by_check(report) == by_check(p_report)
+    hover = next(r["result"] for r in report["gx_validation_result"]["results"]
+                 if r["expectation_config"]["meta"]["check"] == "event_type_in_allowed_set")
+    assert hover["unexpected_count"] == 1 and hover["partial_unexpected_list"] == ["hover"]
+    assert "hover" in s_st.get_bytes(s_dirty.outcome.docs_page_key).decode()
 
 
 def test_drift_on_spark_matches_pandas(two_buckets, monkeypatch):

@@ -1038,11 +1038,11 @@ def _run_with_data_docs(storage, dataset: str, day: str, run_id: str, df, params
             page_path.write_bytes(b"")
             placeholders.add(page_path)
         result_format = RESULT_FORMAT
-        if spark:  # a Spark DataFrame (validation.spark_engine)
-            from shoprank.validation.spark_engine import SPARK_RESULT_FORMAT, add_spark_definition
+        if spark:  # a Spark DataFrame (validation.spark_engine): counts first, examples of failures second
+            from shoprank.validation.spark_engine import SPARK_COUNT_FORMAT, add_failure_examples, add_spark_definition
 
             ctx.data_sources.add_spark(DATASOURCE)
-            result_format = SPARK_RESULT_FORMAT
+            result_format = SPARK_COUNT_FORMAT
         else:
             ctx.data_sources.add_pandas(DATASOURCE)
         vd = None
@@ -1058,11 +1058,15 @@ def _run_with_data_docs(storage, dataset: str, day: str, run_id: str, df, params
         run = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=params,
                              run_id=_run_id(run_id, dt.datetime.now(dt.timezone.utc)))
         ident, result = next(iter(run.run_results.items()))
+        pages = []
+        if spark and add_failure_examples(result, df, params, options):
+            ctx.validation_results_store.set(ident, result)  # the page shows the failures' example rows
+            pages.append(ident)
         # the pages of all suites (not only this one), so the index links to every contract
         from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
         ctx.build_data_docs(site_names=["local_site"],
-                            resource_identifiers=[ExpectationSuiteIdentifier(name=n) for n in SUITES])
+                            resource_identifiers=[*(ExpectationSuiteIdentifier(name=n) for n in SUITES), *pages])
         page = None
         try:
             url = ctx.get_docs_sites_urls(resource_identifier=ident, site_name="local_site")[0]["site_url"]
