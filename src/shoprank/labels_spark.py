@@ -133,26 +133,49 @@ def _clean(events, stats: dict[str, Any]):
     return ev.where("_ok").drop("_ok")
 
 
+def _repeated(df, name: str, *cols):
+    """The rows of ``df`` whose ``cols`` hash like another row's: every row with a repeated key,
+    plus the rare hash collision (never fewer).  A hash aggregate of longs, no sort of the day."""
+    from pyspark.sql import functions as F
+
+    h = F.xxhash64(*cols)
+    repeated = df.groupBy(h.alias(name)).agg(F.count(F.lit(1)).alias("_n")).where("_n > 1").select(name)
+    return df.join(repeated, h == F.col(name), "left_semi")
+
+
 def _dedupe(ev, stats: dict[str, Any], cached: list):
     """labels._dedupe: by ``event_id`` the earliest (ties: input order), then the first of each
-    DUPLICATE_KEY.  The second rank puts the rows already dropped by id last, so among the
-    others it is the rank pandas' second ``drop_duplicates`` sees (``ts`` is part of the key)."""
+    DUPLICATE_KEY among the rest (its rows share ``ts``: input order).
+
+    Only a row whose id or content occurs more than once can be dropped, and those are few: they
+    are found by counting 64-bit hashes of the id and of the content key (hash aggregates of
+    longs, no sort of the day), and only these candidate rows, whole groups of them, are ranked
+    with the two windows (a hash collision adds a candidate, never loses one; the ranking itself
+    is exact).  The rows to drop are then removed by their input-row id."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    ev = ev.persist()  # read by both counts, both rankings and the removal
+    cached.append(ev)
     by_id = Window.partitionBy("event_id").orderBy("ts", ROW)
+    drop_id = (_repeated(ev, "_h_id", "event_id").withColumn("_r", F.row_number().over(by_id))
+               .where("_r > 1").select(ROW).withColumn("_dup_id", F.lit(True)).persist())
+    cached.append(drop_id)
+    # the content rank puts the rows already dropped by id last, so among the others it is the
+    # rank pandas' second drop_duplicates sees
     by_content = Window.partitionBy(*DUPLICATE_KEY).orderBy("_dup_id", ROW)
-    flagged = (ev.withColumn("_dup_id", F.row_number().over(by_id) > 1)
-               .withColumn("_dup_content", ~F.col("_dup_id") & (F.row_number().over(by_content) > 1))
-               .persist())
-    cached.append(flagged)
-    row = flagged.agg(F.sum(F.col("_dup_id").cast("long")).alias("ids"),
-                      F.sum(F.col("_dup_content").cast("long")).alias("content")).first()
-    stats["duplicates_dropped"] = int(row["ids"] or 0)
-    stats["content_duplicates_dropped"] = int(row["content"] or 0)
+    drop_content = (_repeated(ev, "_h_content", *DUPLICATE_KEY).join(drop_id, ROW, "left")
+                    .withColumn("_dup_id", F.coalesce("_dup_id", F.lit(False)))
+                    .withColumn("_r", F.row_number().over(by_content))
+                    .where(~F.col("_dup_id") & (F.col("_r") > 1)).select(ROW).persist())
+    cached.append(drop_content)
+    stats["duplicates_dropped"] = drop_id.count()
+    stats["content_duplicates_dropped"] = drop_content.count()
     log.info("labels: dedupe dropped %d repeated event ids and %d same-content events under other ids",
              stats["duplicates_dropped"], stats["content_duplicates_dropped"])
-    return flagged.where(~F.col("_dup_id") & ~F.col("_dup_content")).drop("_dup_id", "_dup_content")
+    if not stats["duplicates_dropped"] and not stats["content_duplicates_dropped"]:
+        return ev
+    return ev.join(drop_id.select(ROW).union(drop_content), ROW, "left_anti")
 
 
 def _median_sorted(values):

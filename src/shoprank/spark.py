@@ -105,7 +105,10 @@ def spark_session(settings: Settings, app: str = "shoprank-feedback", storage=No
          .config("spark.sql.session.timeZone", "UTC")
          .config("spark.sql.shuffle.partitions", str(eng.spark_shuffle_partitions))
          .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-         .config("spark.sql.adaptive.enabled", "true"))
+         .config("spark.sql.adaptive.enabled", "true")
+         # AQE merges small shuffle partitions up to this size; at Spark's 64 MB a 2-core driver
+         # with its default 1 GB heap got ~3 large tasks per shuffle that spilled to disk
+         .config("spark.sql.adaptive.advisoryPartitionSizeInBytes", "16m"))
     b = b.config("spark.local.dir", _process_local_dir())
     if not staged(eng):
         creds = storage.settings if storage is not None else settings
