@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 ROW = "_input_row"  # input order of a row (shoprank.spark.read_parquet_in_order)
 _STRING_COLUMNS = ("event_id", "request_id", "session_id", "query", "product_id", "event_type")
 _INTEGRAL = ("tinyint", "smallint", "int", "bigint")
+BROADCAST_KEYS = 2_000_000  # repeated hashes up to this many are broadcast (8 bytes each) to find their rows
 
 
 def read_events(spark, paths: Sequence[str]):
@@ -133,14 +134,21 @@ def _clean(events, stats: dict[str, Any]):
     return ev.where("_ok").drop("_ok")
 
 
-def _repeated(df, name: str, *cols):
+def _repeated(df, name: str, cached: list, *cols):
     """The rows of ``df`` whose ``cols`` hash like another row's: every row with a repeated key,
-    plus the rare hash collision (never fewer).  A hash aggregate of longs, no sort of the day."""
+    plus the rare hash collision (never fewer); None when no hash repeats.  A hash aggregate of
+    longs, no sort of the day.  The repeated hashes are counted first, so a short list reaches
+    the rows as a broadcast (the day itself is not shuffled for the join)."""
     from pyspark.sql import functions as F
 
     h = F.xxhash64(*cols)
-    repeated = df.groupBy(h.alias(name)).agg(F.count(F.lit(1)).alias("_n")).where("_n > 1").select(name)
-    return df.join(repeated, h == F.col(name), "left_semi")
+    repeated = (df.groupBy(h.alias(name)).agg(F.count(F.lit(1)).alias("_n")).where("_n > 1").select(name)
+                .persist())
+    cached.append(repeated)
+    n = repeated.count()
+    if n == 0:
+        return None
+    return df.join(F.broadcast(repeated) if n <= BROADCAST_KEYS else repeated, h == F.col(name), "left_semi")
 
 
 def _dedupe(ev, stats: dict[str, Any], cached: list):
@@ -157,17 +165,22 @@ def _dedupe(ev, stats: dict[str, Any], cached: list):
 
     ev = ev.persist()  # read by both counts, both rankings and the removal
     cached.append(ev)
+    spark = ev.sparkSession
+    none = spark.createDataFrame([], f"{ROW} long, _dup_id boolean")
     by_id = Window.partitionBy("event_id").orderBy("ts", ROW)
-    drop_id = (_repeated(ev, "_h_id", "event_id").withColumn("_r", F.row_number().over(by_id))
-               .where("_r > 1").select(ROW).withColumn("_dup_id", F.lit(True)).persist())
+    same_id = _repeated(ev, "_h_id", cached, "event_id")
+    drop_id = none if same_id is None else (
+        same_id.withColumn("_r", F.row_number().over(by_id)).where("_r > 1").select(ROW)
+        .withColumn("_dup_id", F.lit(True)).persist())
     cached.append(drop_id)
     # the content rank puts the rows already dropped by id last, so among the others it is the
     # rank pandas' second drop_duplicates sees
     by_content = Window.partitionBy(*DUPLICATE_KEY).orderBy("_dup_id", ROW)
-    drop_content = (_repeated(ev, "_h_content", *DUPLICATE_KEY).join(drop_id, ROW, "left")
-                    .withColumn("_dup_id", F.coalesce("_dup_id", F.lit(False)))
-                    .withColumn("_r", F.row_number().over(by_content))
-                    .where(~F.col("_dup_id") & (F.col("_r") > 1)).select(ROW).persist())
+    same_content = _repeated(ev, "_h_content", cached, *DUPLICATE_KEY)
+    drop_content = none.select(ROW) if same_content is None else (
+        same_content.join(drop_id, ROW, "left").withColumn("_dup_id", F.coalesce("_dup_id", F.lit(False)))
+        .withColumn("_r", F.row_number().over(by_content))
+        .where(~F.col("_dup_id") & (F.col("_r") > 1)).select(ROW).persist())
     cached.append(drop_content)
     stats["duplicates_dropped"] = drop_id.count()
     stats["content_duplicates_dropped"] = drop_content.count()

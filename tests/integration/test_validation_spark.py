@@ -165,3 +165,19 @@ def test_a_day_spark_cannot_read_cell_by_cell_goes_to_the_pandas_reader(two_buck
     msg = str(out)
     assert "position_type" in msg and "found str x2,000" in msg
     assert "part-00000.parquet row 0: event_id='e0-0', position='1'" in msg
+
+
+def test_a_day_with_an_over_long_cell_goes_to_the_pandas_reader(two_buckets, monkeypatch):
+    """The longest cell per text column is measured on Spark (in the job that fills the cache); a
+    cell over max_field_chars sends the day to the pandas reader, which names file, row and column."""
+    storage = two_buckets["spark"]
+    cat = with_catalog(storage, monkeypatch, 200)
+    fb = samples.feedback(2_000, day=D1, ids=cat["product_id"])
+    fb.loc[1234, "query"] = "x" * 61
+    storage.write_partition(fb, "raw", "feedback", D1)
+    out = run("spark", monkeypatch, storage, "feedback", D1, "r1",
+              ValidationOptions(now=NOW, build_docs=False, max_field_chars=60))
+    assert isinstance(out, ValidationFailed) and out.outcome.engine == "pandas"
+    msg = str(out)
+    assert "part-00000.parquet" in msg and "column 'query' row 1234 holds a 61-character value" in msg
+    assert D1 not in storage.list_partitions("validated", "feedback")

@@ -158,10 +158,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_spark_labels_equal_pandas(spark, day, case):
+@pytest.mark.parametrize("case", [*CASES, "many_duplicates"])
+def test_spark_labels_equal_pandas(spark, day, case, monkeypatch):
     pandas_events, paths = day
-    params = CASES[case]
+    if case == "many_duplicates":  # the repeated ids / contents too many to broadcast: a shuffle join finds them
+        import shoprank.labels_spark as labels_spark
+
+        monkeypatch.setattr(labels_spark, "BROADCAST_KEYS", 0)
+    params = CASES.get(case, LabelParams())
     want = derive_labels(pandas_events, params)
     got = derive_labels_spark(spark, read_events(spark, paths), params)
 
