@@ -168,8 +168,8 @@ def test_a_day_spark_cannot_read_cell_by_cell_goes_to_the_pandas_reader(two_buck
 
 
 def test_a_day_with_an_over_long_cell_goes_to_the_pandas_reader(two_buckets, monkeypatch):
-    """The longest cell per text column is measured on Spark (in the job that fills the cache); a
-    cell over max_field_chars sends the day to the pandas reader, which names file, row and column."""
+    """The longest cell per text column is measured on Spark; a cell over max_field_chars sends
+    the day to the pandas reader, which names file, row and column."""
     storage = two_buckets["spark"]
     cat = with_catalog(storage, monkeypatch, 200)
     fb = samples.feedback(2_000, day=D1, ids=cat["product_id"])

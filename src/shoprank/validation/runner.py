@@ -897,6 +897,15 @@ def _validate_spark(storage, settings, dataset: str, day: str, run_id: str, opti
         sdf = SE.read_day(spark, dataset, paths)
         # 2. run-time inputs -------------------------------------------------------------------------
         state["stage"] = "prepare"
+        too_long = [c for c, n in sdf.selectExpr(*[f"max(length(`{c.name}`)) as `{c.name}`" for c in
+                                                   CONTRACTS[dataset].columns if c.dtype == "string"
+                                                   and c.name in sdf.columns]).first().asDict().items()
+                    if n is not None and n > options.max_field_chars]
+        if too_long:
+            log.warning("feedback dt=%s: cells longer than %d characters in %s: the pandas reader reports them",
+                        day, options.max_field_chars, too_long)
+            state["engine"] = "pandas"
+            return None
         rows = readable.rows or sdf.count()
         where = dict(ignored_keys=listing.ignored_lines(), stray_folders=list(strays))
         if rows == 0:
@@ -906,17 +915,6 @@ def _validate_spark(storage, settings, dataset: str, day: str, run_id: str, opti
         warnings: list[str] = []
         prev_rows, params, gx_params, ids = _run_time_inputs(storage, dataset, day, options, catalog_ids, warnings)
         derived = SE.derived_columns(spark, sdf, options, ids).persist(StorageLevel.DISK_ONLY)
-        # the longest cell per text column: the job that also fills the cache (no scan of its own)
-        too_long = [c for c, n in derived.selectExpr(*[f"max(length(`{c.name}`)) as `{c.name}`" for c in
-                                                       CONTRACTS[dataset].columns if c.dtype == "string"
-                                                       and c.name in sdf.columns]).first().asDict().items()
-                    if n is not None and n > options.max_field_chars]
-        if too_long:
-            derived.unpersist()
-            log.warning("feedback dt=%s: cells longer than %d characters in %s: the pandas reader reports them",
-                        day, options.max_field_chars, too_long)
-            state["engine"] = "pandas"
-            return None
         lap("prepare")
         log.info("feedback dt=%s: %d rows from %d file(s) on Spark (%s)", day, rows, len(listing.data),
                  settings.engine.spark_master)
