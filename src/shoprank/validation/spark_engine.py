@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -142,9 +142,10 @@ def contract_parts(dataset: str, paths: Sequence[str], rows_per_part: int = 500_
             yield contract.conform(batch.to_pandas())
 
 
-def spark_suite(dataset: str, options: ValidationOptions, name: str | None = None):
+def spark_suite(dataset: str, options: ValidationOptions, name: str | None = None,
+                checks: Collection[str] | None = None):
     """``suites.build_suite`` with the type names Spark reports."""
-    return S.build_suite(dataset, options, name=name, type_names=SPARK_TYPES)
+    return S.build_suite(dataset, options, name=name, type_names=SPARK_TYPES, checks=checks)
 
 
 def read_day(spark, dataset: str, paths: Sequence[str]):
@@ -299,7 +300,7 @@ def add_failure_examples(result, derived, params: dict[str, Any], options: Valid
     place.  Returns the checks redone (none on a passing day: nothing runs)."""
     import great_expectations as gx
 
-    from shoprank.validation.runner import DATASOURCE, _quiet
+    from shoprank.validation.runner import _quiet
 
     failed = {_check_of(er): er for er in result.results
               if not er.success and er.result and "unexpected_count" in er.result and _check_of(er)}
@@ -307,15 +308,7 @@ def add_failure_examples(result, derived, params: dict[str, Any], options: Valid
         return []
     t = time.perf_counter()
     ctx = _quiet(gx.get_context(mode="ephemeral"))
-    batch_def = (ctx.data_sources.add_spark(DATASOURCE).add_dataframe_asset("feedback_failures")
-                 .add_batch_definition_whole_dataframe("whole_partition"))
-    suite = ctx.suites.add(gx.ExpectationSuite(name="feedback_failures"))
-    for e in spark_suite("feedback", options).expectations:
-        if e.meta.get("check") in failed:
-            e = e.copy()
-            e.id = None  # a copy for this suite
-            suite.add_expectation(e)
-    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="feedback_failures", data=batch_def, suite=suite))
+    vd = add_spark_definition(ctx, "feedback", options, "feedback_failures", "feedback_failures", checks=failed)
     again = vd.run(batch_parameters={"dataframe": derived}, expectation_parameters=params,
                    result_format=SPARK_RESULT_FORMAT)
     for er in again.results:
@@ -333,7 +326,8 @@ def add_failure_examples(result, derived, params: dict[str, Any], options: Valid
     return sorted(failed)
 
 
-def add_spark_definition(ctx, dataset: str, options: ValidationOptions, suite_name: str, asset_name: str):
+def add_spark_definition(ctx, dataset: str, options: ValidationOptions, suite_name: str, asset_name: str,
+                         checks: Collection[str] | None = None):
     import great_expectations as gx
 
     from shoprank.validation.runner import DATASOURCE
@@ -344,7 +338,7 @@ def add_spark_definition(ctx, dataset: str, options: ValidationOptions, suite_na
         source = ctx.data_sources.add_spark(DATASOURCE)
     asset = source.add_dataframe_asset(asset_name)
     batch_def = asset.add_batch_definition_whole_dataframe("whole_partition")
-    suite = ctx.suites.add(spark_suite(dataset, options, name=suite_name))
+    suite = ctx.suites.add(spark_suite(dataset, options, name=suite_name, checks=checks))
     return ctx.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch_def, suite=suite))
 
 
@@ -372,5 +366,5 @@ def feedback_counts_spark(df, positions: int) -> "FeedbackCounts":
                           position_events=table)
 
 
-__all__ = ["SPARK_TYPES", "ROW_ID", "SPARK_COUNT_FORMAT", "add_failure_examples", "derived_columns", "example_batch", "read_day", "spark_readable", "spark_suite",
-           "feedback_counts_spark", "add_spark_definition", "run_suite"]
+__all__ = ["SPARK_TYPES", "ROW_ID", "SPARK_COUNT_FORMAT", "add_failure_examples", "derived_columns", "example_batch",
+           "read_day", "spark_readable", "spark_suite", "feedback_counts_spark", "add_spark_definition", "run_suite"]

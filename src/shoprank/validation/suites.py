@@ -19,7 +19,7 @@ Docs then list the offending ids themselves.  Derived columns never leave valida
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import numpy as np
 import pandas as pd
@@ -281,9 +281,10 @@ def contract_for(dataset: str) -> Contract:
 
 
 def build_suite(dataset: str, options: ValidationOptions | None = None, name: str | None = None,
-                type_names: dict[str, str] | None = None):
+                type_names: dict[str, str] | None = None, checks: Collection[str] | None = None):
     """The GX ``ExpectationSuite`` for ``dataset`` (not yet added to any context).  ``type_names``
-    maps the pandas type names of the ``*_type`` checks (``GX_TYPES``) to another engine's."""
+    maps the pandas type names of the ``*_type`` checks (``GX_TYPES``) to another engine's;
+    ``checks`` keeps only the checks of those names."""
     contract_for(dataset)
     gx, _ = _gx()
     options = options or ValidationOptions()
@@ -292,6 +293,8 @@ def build_suite(dataset: str, options: ValidationOptions | None = None, name: st
         meta={"shoprank": {"dataset": dataset, "contract": CONTRACTS[dataset].doc, "options": options.public_dict()}},
     )
     for expectation in SUITES[dataset](options):
+        if checks is not None and expectation.meta["check"] not in checks:
+            continue
         if type_names and type(expectation).__name__ == "ExpectColumnValuesToBeOfType":
             expectation = type(expectation)(column=expectation.column, type_=type_names[expectation.type_],
                                             meta=expectation.meta, notes=expectation.notes)
